@@ -1,0 +1,118 @@
+"""The one configuration that travels: into ``wrap``, into saved files, back out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["METHODS", "AdapterConfig"]
+
+# Presets: "rada" (RationalMask), "rada+adapter" (RAda with residual adapters,
+# the paper's best base-to-new variant), "mma" (MMA as in the paper),
+# "mma-master" (the earlier released MMA), "mma+rada" (ours: RAda over MMA's
+# adapted features).
+METHODS = ("rada", "rada+adapter", "mma", "mma-master", "mma+rada")
+_RADA_FAMILY = ("rada", "rada+adapter", "mma+rada")
+_MMA_FAMILY = ("mma", "mma-master", "mma+rada")
+_SOFTMAXES = ("flat", "row")
+_REGULARIZERS = ("linf", "mse", "l1")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Everything needed to rebuild an adapter module, and nothing else.
+
+    Build one with :meth:`for_method`, which fills each method's released
+    defaults; fields that do not apply to a method keep their defaults and are
+    ignored by it.
+    """
+
+    method: str
+    dim: int  # embedding width D of the CLIP the adapter sits on
+    # RAda family
+    heads: int = 8  # heads of the mask attention (D / heads per head)
+    temperature: float = 1.0  # τ dividing the attention scores
+    softmax: str = "flat"  # "flat": released softmax over all K·K entries × K; "row": textbook
+    regularizer: str = "linf"  # reg(M, 1) added to the loss: "linf", "mse" or "l1"
+    alpha: float = 0.0  # weight of the regulariser (0 as released)
+    reduction: int = 4  # residual adapters' bottleneck is D / reduction ("rada+adapter")
+    # MMA family
+    bottleneck: int = 0  # MMA's down-sampled width d; 0 means D / 4
+    mma_heads: int = 4  # heads of MMA's attention over the bottleneck
+    blend: float = 0.2  # λ mixing adapted and original features
+    hidden: int = 32  # inner width of the two-layer down/up maps ("mma-master")
+
+    @classmethod
+    def for_method(cls, method: str, dim: int, **options: Any) -> AdapterConfig:
+        """Config for ``method`` at width ``dim`` with the released defaults and ``options``."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"method", "dim"}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise TypeError(
+                f"unknown adapter option(s) {unknown} for method {method!r}; "
+                f"known options: {', '.join(sorted(fields))}"
+            )
+        if method == "rada+adapter":
+            options.setdefault("regularizer", "mse")  # the RAda+Adapter trainer's choice
+        return cls(method=method, dim=dim, **options)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.dim, int) or self.dim <= 0:
+            raise ValueError(f"dim must be a positive int (the embedding width), got {self.dim!r}")
+        if self.method in _RADA_FAMILY:
+            _divides(self.heads, self.dim, "heads", "the embedding width")
+            if self.temperature <= 0:
+                raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            if self.softmax not in _SOFTMAXES:
+                raise ValueError(f"softmax must be one of {_SOFTMAXES}, got {self.softmax!r}")
+            if self.regularizer not in _REGULARIZERS:
+                raise ValueError(
+                    f"regularizer must be one of {_REGULARIZERS}, got {self.regularizer!r}"
+                )
+            if self.alpha < 0:
+                raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.method == "rada+adapter":
+            _divides(self.reduction, self.dim, "reduction", "the embedding width")
+        if self.method in _MMA_FAMILY:
+            _divides(self.mma_heads, self.mma_width, "mma_heads", "the MMA bottleneck width")
+            if not 0.0 <= self.blend <= 1.0:
+                raise ValueError(f"blend (λ) must lie in [0, 1], got {self.blend}")
+
+    @property
+    def mma_width(self) -> int:
+        """MMA's down-sampled width ``d`` (``D / 4`` unless ``bottleneck`` is set)."""
+        return self.bottleneck or self.dim // 4
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the method produces a RAda mask (and so can be regularised)."""
+        return self.method in _RADA_FAMILY
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        data = json.loads(text)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(
+                f"adapter config has unknown field(s) {unknown}: it was written by a newer "
+                "rada_mma; upgrade rada_mma to read it"
+            )
+        return cls(**data)
+
+
+def _divides(parts: int, whole: int, name: str, what: str) -> None:
+    if not isinstance(parts, int) or parts <= 0 or whole % parts:
+        raise ValueError(
+            f"{name}={parts!r} must be a positive divisor of {what} ({whole}); "
+            f"pick {name} from {[n for n in range(1, min(whole, 64) + 1) if whole % n == 0]}"
+        )

@@ -1,0 +1,480 @@
+"""Feature-level adapter modules: parameters plus calls into :mod:`rada_mma.kernels`.
+
+Each module maps raw (unnormalised) encoder outputs to logits::
+
+    logits = module(image_features, text_features, logit_scale)   # (B, D), (K, D) -> (B, K)
+
+and works alone on cached features, or inside :func:`rada_mma.wrap`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .config import AdapterConfig
+
+__all__ = [
+    "MMARationalMask",
+    "MultiModalAdapter",
+    "RationalMask",
+    "ResidualAdapter",
+    "build_adapter",
+]
+
+
+def _uniform_linear(layer: nn.Linear, generator: torch.Generator | None) -> None:
+    """``nn.Linear``'s default initialisation, drawn from ``generator``."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound, generator=generator)
+    if layer.bias is not None:
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+def _pair(layer: nn.Linear) -> tuple[Tensor, Tensor]:
+    return layer.weight, layer.bias
+
+
+def check_features(image_features: Tensor, text_features: Tensor, dim: int) -> None:
+    """Raise a clear error for features an adapter of width ``dim`` cannot take."""
+    if not isinstance(image_features, Tensor) or not isinstance(text_features, Tensor):
+        raise TypeError(
+            "image_features and text_features must be tensors, got "
+            f"{type(image_features).__name__} and {type(text_features).__name__}"
+        )
+    if image_features.dim() != 2:
+        raise ValueError(
+            f"image_features must be (B, D) = (images, width), got shape {tuple(image_features.shape)}; "
+            "for a single image use features.unsqueeze(0)"
+        )
+    if text_features.dim() != 2:
+        raise ValueError(
+            f"text_features must be (K, D) = (classes, width), got shape {tuple(text_features.shape)}; "
+            "average template embeddings per class first (wrap().set_classes does this)"
+        )
+    if text_features.shape[0] == 0:
+        raise ValueError("text_features has K = 0 classes; give at least one class")
+    if image_features.shape[0] == 0:
+        raise ValueError("image_features has B = 0 images; give at least one image")
+    widths = (image_features.shape[1], text_features.shape[1])
+    if widths != (dim, dim):
+        raise ValueError(
+            f"feature widths (image {widths[0]}, text {widths[1]}) must both equal the adapter's "
+            f"dim={dim}; build the adapter with the encoders' embedding width"
+        )
+    if torch.compiler.is_compiling():
+        return  # value checks would break the graph; eager calls still check
+    for name, x in (("image_features", image_features), ("text_features", text_features)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{name} contains NaN or infinite values; check the encoder's inputs and "
+                "precision (fp16 overflow is a common cause)"
+            )
+
+
+def _scale_tensor(logit_scale: Tensor | float, like: Tensor) -> Tensor:
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(
+                f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}; pass "
+                "the multiplicative scale, e.g. model.logit_scale.exp()"
+            )
+        return logit_scale.reshape(()).to(device=like.device, dtype=torch.float32)
+    return torch.tensor(float(logit_scale), device=like.device, dtype=torch.float32)
+
+
+class _Adapter(nn.Module):
+    """What every adapter shares: checks, the loss, the config."""
+
+    config: AdapterConfig
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def has_mask(self) -> bool:
+        return self.config.has_mask
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        *,
+        return_mask: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits ``(B, K)`` from raw features ``(B, D)`` and ``(K, D)``.
+
+        Args:
+            image_features: ``(B, D)`` raw image embeddings.
+            text_features: ``(K, D)`` raw class text embeddings.
+            logit_scale: the multiplicative scale ``s`` (``model.logit_scale.exp()``).
+            return_mask: also return the ``(B, K, D)`` mask (RAda family only).
+        """
+        if return_mask and not self.has_mask:
+            raise ValueError(
+                f"method {self.config.method!r} has no rational mask; return_mask=True is for "
+                "'rada', 'rada+adapter' and 'mma+rada'"
+            )
+        check_features(image_features, text_features, self.dim)
+        scale = _scale_tensor(logit_scale, image_features)
+        logits, mask = self._logits(image_features, text_features, scale)
+        return (logits, mask) if return_mask else logits
+
+    def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def regularization(self, mask: Tensor | None) -> Tensor:
+        """``alpha · reg(mask, 1)``; a zero tensor for methods without a mask or ``alpha = 0``."""
+        if mask is None or not self.has_mask or self.config.alpha == 0:
+            return torch.zeros((), device=self._device())
+        return self.config.alpha * kernels.regularizer(mask, self.config.regularizer)
+
+    def loss(self, logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Cross-entropy plus the regulariser, as the released trainers compute it."""
+        check_labels(labels, logits)
+        return F.cross_entropy(logits.float(), labels) + self.regularization(mask)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def check_labels(labels: Tensor, logits: Tensor) -> None:
+    """Labels must be integer class indices in ``[0, K)``, one per image."""
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(
+            f"labels must be an integer tensor of class indices, got "
+            f"{getattr(labels, 'dtype', type(labels).__name__)}"
+        )
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"labels must be (B,) = {tuple(logits.shape[:1])} to match the logits, got {tuple(labels.shape)}"
+        )
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= logits.shape[1]:
+        raise ValueError(
+            f"labels must lie in [0, {logits.shape[1]}) (the K = {logits.shape[1]} classes set), "
+            f"got values in [{low}, {high}]; relabel to 0..K-1 in the order the classes were set"
+        )
+
+
+class ResidualAdapter(nn.Module):
+    """CLIP-Adapter's bottleneck in residual form: ``x + ReLU(W_2 ReLU(W_1 x))``.
+
+    ``W_1: D → D / reduction`` and ``W_2: D / reduction → D``, no biases;
+    ``W_2`` starts at zero so the adapter starts as the identity.
+    """
+
+    def __init__(self, *, dim: int, reduction: int = 4, generator: torch.Generator | None = None):
+        super().__init__()
+        self.dim, self.reduction = dim, reduction
+        self.down = nn.Linear(dim, dim // reduction, bias=False)
+        self.up = nn.Linear(dim // reduction, dim, bias=False)
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        bound = 1.0 / math.sqrt(self.dim)
+        nn.init.uniform_(self.down.weight, -bound, bound, generator=generator)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.residual_adapter(x, self.down.weight, self.up.weight)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, reduction={self.reduction}"
+
+
+class RationalMask(_Adapter):
+    """RAda: a learned mask over the rational matrix ``f̂ ⊙ ĥ`` whose sum is the logit.
+
+    One attention layer per image over its K class tokens (three query kinds:
+    image, text, rational) gives ``M = ReLU(1 + W_o(·))``; ``W_o`` starts at
+    zero, so training starts exactly at zero-shot CLIP. Logits are
+    ``s · Σ_d M ⊙ f̂ ⊙ ĥ``.
+
+    Args:
+        dim: embedding width D.
+        heads: attention heads (D / heads each), 8 as released.
+        temperature: τ dividing the attention scores.
+        softmax: ``"flat"`` (released: one softmax over a head's whole K×K
+            map, times K) or ``"row"`` (textbook).
+        regularizer, alpha: ``alpha · reg(M, 1)`` from :meth:`regularization`.
+        adapter_reduction: if set, residual adapters (``D → D/r → D``) adapt
+            both features before normalisation: the "rada+adapter" preset.
+
+    Example:
+        >>> mask = RationalMask(dim=512)
+        >>> logits, m = mask(torch.randn(4, 512), torch.randn(10, 512), 100.0, return_mask=True)
+        >>> logits.shape, m.shape
+        (torch.Size([4, 10]), torch.Size([4, 10, 512]))
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        heads: int = 8,
+        temperature: float = 1.0,
+        softmax: str = "flat",
+        regularizer: str = "linf",
+        alpha: float = 0.0,
+        adapter_reduction: int | None = None,
+        chunk_elements: int = kernels.DEFAULT_CHUNK_ELEMENTS,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.config = AdapterConfig(
+            method="rada" if adapter_reduction is None else "rada+adapter",
+            dim=dim,
+            heads=heads,
+            temperature=temperature,
+            softmax=softmax,
+            regularizer=regularizer,
+            alpha=alpha,
+            reduction=adapter_reduction or 4,
+        )
+        self.chunk_elements = chunk_elements
+        self.query_image = nn.Linear(dim, dim)
+        self.query_text = nn.Linear(dim, dim)
+        self.to_qkv_rational = nn.Linear(dim, 3 * dim)  # rational query, key, value stacked
+        self.to_out = nn.Linear(dim, dim)
+        if adapter_reduction is None:
+            self.image_adapter = self.text_adapter = None
+        else:
+            self.image_adapter = ResidualAdapter(dim=dim, reduction=adapter_reduction)
+            self.text_adapter = ResidualAdapter(dim=dim, reduction=adapter_reduction)
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        _uniform_linear(self.query_image, generator)
+        _uniform_linear(self.query_text, generator)
+        for part in self.to_qkv_rational.weight.detach().chunk(3):  # each as its own Linear(D, D)
+            bound = 1.0 / math.sqrt(self.dim)
+            nn.init.uniform_(part, -bound, bound, generator=generator)
+        bound = 1.0 / math.sqrt(self.dim)
+        nn.init.uniform_(self.to_qkv_rational.bias, -bound, bound, generator=generator)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+        for adapter in (self.image_adapter, self.text_adapter):
+            if adapter is not None:
+                adapter.reset_parameters(generator)
+
+    def mask(self, f: Tensor, h: Tensor, scale: Tensor) -> Tensor:
+        """The ``(B, K, D)`` mask for normalised ``f`` ``(B, D)`` and ``h`` ``(K, D)`` or ``(B, K, D)``."""
+        c = self.config
+        return kernels.rada_mask(
+            f,
+            h,
+            scale,
+            query_image=_pair(self.query_image),
+            query_text=_pair(self.query_text),
+            qkv_rational=_pair(self.to_qkv_rational),
+            out=_pair(self.to_out),
+            heads=c.heads,
+            temperature=c.temperature,
+            softmax=c.softmax,
+            chunk_elements=self.chunk_elements,
+        )
+
+    def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        if self.image_adapter is not None:
+            image, text = self.image_adapter(image), self.text_adapter(text)
+        f, h = kernels.normalize(image), kernels.normalize(text)
+        mask = self.mask(f, h, scale)
+        return kernels.rada_logits(mask, f, h, scale), mask
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"dim={c.dim}, heads={c.heads}, temperature={c.temperature}, softmax={c.softmax!r}, "
+            f"regularizer={c.regularizer!r}, alpha={c.alpha}"
+        )
+
+
+class MultiModalAdapter(_Adapter):
+    """MMA: masked multi-head attention over the class texts and the image, down-sampled.
+
+    Per image, the sequence ``[ĥ_1 … ĥ_K, f̂_b]`` goes through ``down``
+    (``D → d``), a ``heads``-head attention and ``up`` (``d → D``), and the
+    outputs are blended back: ``norm(λ·norm(a) + (1 − λ)·x)``.
+
+    Args:
+        dim: embedding width D.
+        bottleneck: down-sampled width d (default ``D / 4``).
+        heads: attention heads over d (4 as released).
+        blend: λ (0.2 as released).
+        variant: ``"paper"``: texts see only the image and the image only the
+            texts. ``"master"``: the earlier release: two-layer down/up maps
+            (GELU inside ``up``), every token sees every token, +1 added to
+            cross-modal scores.
+        hidden: inner width of the ``"master"`` down/up maps.
+
+    Example:
+        >>> mma = MultiModalAdapter(dim=512)
+        >>> mma(torch.randn(4, 512), torch.randn(10, 512), 100.0).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        bottleneck: int | None = None,
+        heads: int = 4,
+        blend: float = 0.2,
+        variant: str = "paper",
+        hidden: int = 32,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if variant not in ("paper", "master"):
+            raise ValueError(f"variant must be 'paper' or 'master', got {variant!r}")
+        self.config = AdapterConfig(
+            method="mma" if variant == "paper" else "mma-master",
+            dim=dim,
+            bottleneck=bottleneck or 0,
+            mma_heads=heads,
+            blend=blend,
+            hidden=hidden,
+        )
+        self.variant = variant
+        n = self.config.mma_width
+        if variant == "paper":
+            self.down = nn.Linear(dim, n)
+            self.up = nn.Linear(n, dim)
+        else:
+            self.down = nn.Sequential(nn.Linear(dim, hidden), nn.Linear(hidden, n))
+            self.up = nn.Sequential(nn.Linear(n, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.to_qkv = nn.Linear(n, 3 * n)  # nn.MultiheadAttention's packed in_proj
+        self.to_out = nn.Linear(n, n)  # its out_proj
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear) and layer is not self.to_qkv:
+                _uniform_linear(layer, generator)
+        # nn.MultiheadAttention's own initialisation
+        nn.init.xavier_uniform_(self.to_qkv.weight, generator=generator)
+        nn.init.zeros_(self.to_qkv.bias)
+        nn.init.zeros_(self.to_out.bias)
+
+    def adapted_features(self, f: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Paper variant: adapted image features ``f'`` and the per-image text direction ``t̂``, both ``(B, D)``."""
+        c = self.config
+        return kernels.mma_text_features(
+            f,
+            h,
+            down=_pair(self.down),
+            in_proj=_pair(self.to_qkv),
+            out_proj=_pair(self.to_out),
+            up=_pair(self.up),
+            heads=c.mma_heads,
+            blend=c.blend,
+        )
+
+    def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, None]:
+        c = self.config
+        f, h = kernels.normalize(image), kernels.normalize(text)
+        if self.variant == "master":
+            logits = kernels.mma_master_logits(
+                f,
+                h,
+                scale,
+                down=(_pair(self.down[0]), _pair(self.down[1])),
+                in_proj=_pair(self.to_qkv),
+                out_proj=_pair(self.to_out),
+                up=(_pair(self.up[0]), _pair(self.up[2])),
+                heads=c.mma_heads,
+                blend=c.blend,
+            )
+            return logits, None
+        f2, t = self.adapted_features(f, h)
+        return kernels.mma_logits(f2, t, h, scale, c.blend), None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"dim={c.dim}, bottleneck={c.mma_width}, heads={c.mma_heads}, blend={c.blend}, variant={self.variant!r}"
+
+
+class MMARationalMask(_Adapter):
+    """``"mma+rada"``: MMA adapts the features, RAda masks their rational matrix.
+
+    The MMA-adapted text features differ per image (``h'_{b,k}``), so the mask
+    attention runs with per-image text queries; memory stays ``O(B·K·D)``.
+    With the mask at its initial value 1 this is exactly MMA.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        heads: int = 8,
+        temperature: float = 1.0,
+        softmax: str = "flat",
+        regularizer: str = "linf",
+        alpha: float = 0.0,
+        bottleneck: int | None = None,
+        mma_heads: int = 4,
+        blend: float = 0.2,
+        chunk_elements: int = kernels.DEFAULT_CHUNK_ELEMENTS,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.mma = MultiModalAdapter(
+            dim=dim, bottleneck=bottleneck, heads=mma_heads, blend=blend, generator=generator
+        )
+        self.rada = RationalMask(
+            dim=dim,
+            heads=heads,
+            temperature=temperature,
+            softmax=softmax,
+            regularizer=regularizer,
+            alpha=alpha,
+            chunk_elements=chunk_elements,
+            generator=generator,
+        )
+        self.config = AdapterConfig(
+            method="mma+rada",
+            dim=dim,
+            heads=heads,
+            temperature=temperature,
+            softmax=softmax,
+            regularizer=regularizer,
+            alpha=alpha,
+            bottleneck=bottleneck or 0,
+            mma_heads=mma_heads,
+            blend=blend,
+        )
+
+    def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        f, h = kernels.normalize(image), kernels.normalize(text)
+        f2, t = self.mma.adapted_features(f, h)  # (B, D), (B, D)
+        h2 = kernels.mma_adapted_text(t, h, self.config.blend)  # (B, K, D)
+        mask = self.rada.mask(f2, h2, scale)
+        return kernels.rada_logits(mask, f2, h2, scale), mask
+
+
+def build_adapter(config: AdapterConfig, *, generator: torch.Generator | None = None) -> _Adapter:
+    """The feature-level module for ``config`` (see :class:`rada_mma.AdapterConfig`)."""
+    c = config
+    rada = dict(
+        heads=c.heads, temperature=c.temperature, softmax=c.softmax, regularizer=c.regularizer, alpha=c.alpha
+    )
+    if c.method == "rada":
+        return RationalMask(dim=c.dim, **rada, generator=generator)
+    if c.method == "rada+adapter":
+        return RationalMask(dim=c.dim, **rada, adapter_reduction=c.reduction, generator=generator)
+    mma = dict(bottleneck=c.bottleneck or None, blend=c.blend)
+    if c.method in ("mma", "mma-master"):
+        variant = "paper" if c.method == "mma" else "master"
+        return MultiModalAdapter(
+            dim=c.dim, heads=c.mma_heads, variant=variant, hidden=c.hidden, **mma, generator=generator
+        )
+    return MMARationalMask(dim=c.dim, **rada, mma_heads=c.mma_heads, **mma, generator=generator)

@@ -1,0 +1,178 @@
+"""Interop with the authors' released code: their parameter names in and out.
+
+``from_official`` builds a feature-level module from parameters named as the
+released RAda (``mha.q_proj1.weight``, ``adapter_image.fc.0.weight``, ...) and
+MMA (``adapter.mha.in_proj_weight``, ``adapter.downsampler.weight``, ...) code
+names them; ``to_official`` maps back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import AdapterConfig
+from .modules import MultiModalAdapter, RationalMask, build_adapter
+
+__all__ = ["OFFICIAL_METHODS", "from_official", "to_official"]
+
+OFFICIAL_METHODS = ("rada", "rada+adapter", "mma", "mma-master")
+
+_RADA_LINEAR = {"query_image": "mha.q_proj1", "query_text": "mha.q_proj2", "to_out": "mha.out_proj"}
+_RADA_STACKED = ("mha.q_proj3", "mha.k_proj", "mha.v_proj")  # -> to_qkv_rational, in this order
+_RADA_ADAPTERS = {
+    "image_adapter.down.weight": "adapter_image.fc.0.weight",
+    "image_adapter.up.weight": "adapter_image.fc.2.weight",
+    "text_adapter.down.weight": "adapter_text.fc.0.weight",
+    "text_adapter.up.weight": "adapter_text.fc.2.weight",
+}
+_MMA_COMMON = {
+    "to_qkv.weight": "adapter.mha.in_proj_weight",
+    "to_qkv.bias": "adapter.mha.in_proj_bias",
+    "to_out.weight": "adapter.mha.out_proj.weight",
+    "to_out.bias": "adapter.mha.out_proj.bias",
+}
+_MMA_PAPER = {
+    "down.weight": "adapter.downsampler.weight",
+    "down.bias": "adapter.downsampler.bias",
+    "up.weight": "adapter.upsampler.weight",
+    "up.bias": "adapter.upsampler.bias",
+}
+_MMA_MASTER = {
+    f"{ours}.{i}.{p}": f"adapter.{theirs}.{j}.{p}"
+    for ours, theirs, pairs in (("down", "downsampler", ((0, 0), (1, 1))), ("up", "upsampler", ((0, 0), (2, 2))))
+    for i, j in pairs
+    for p in ("weight", "bias")
+}
+
+
+def _official_names(method: str) -> dict[str, str]:
+    """Our state-dict name -> official name, for everything but RAda's stacked projections."""
+    if method in ("rada", "rada+adapter"):
+        names = {f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in _RADA_LINEAR.items() for p in ("weight", "bias")}
+        if method == "rada+adapter":
+            names.update(_RADA_ADAPTERS)
+        return names
+    return {**_MMA_COMMON, **(_MMA_PAPER if method == "mma" else _MMA_MASTER)}
+
+
+def _load_state(source: Any) -> Mapping[str, Tensor]:
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"no checkpoint at {os.fspath(source)!r}")
+        # weights_only: a checkpoint is data; never run code from a pickle
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(source, Mapping) and "state_dict" in source and isinstance(source["state_dict"], Mapping):
+        source = source["state_dict"]  # a checkpoint written by the released (Dassl) trainers
+    if not isinstance(source, Mapping):
+        raise TypeError(
+            f"expected a state dict, a checkpoint dict with a 'state_dict' entry, or a path; "
+            f"got {type(source).__name__}"
+        )
+    return source
+
+
+class _Finder:
+    """Finds official names in a state dict whose keys may carry prefixes (``module.``, ``param.``, ...)."""
+
+    def __init__(self, state: Mapping[str, Tensor]):
+        self.state = state
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> Tensor:
+        short = name.split(".", 1)[1]  # "mha.q_proj1.weight" may be saved as "q_proj1.weight"
+        hits = [k for k in self.state if k == name or k.endswith("." + name)]
+        if not hits:
+            hits = [k for k in self.state if k == short or k.endswith("." + short)]
+        if not hits:
+            raise KeyError(f"official parameter {name!r} not found; the state dict has {sorted(self.state)[:12]}")
+        if len(hits) > 1:
+            raise KeyError(f"official parameter {name!r} is ambiguous: {sorted(hits)}")
+        self.used.add(hits[0])
+        value = self.state[hits[0]]
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{hits[0]!r} is a {type(value).__name__}, not a tensor")
+        return value.detach().to("cpu", torch.float32)
+
+
+def from_official(method: str, state_dict: Any, *, strict: bool = True, **options: Any):
+    """Build a feature-level module from the authors' released parameters.
+
+    Args:
+        method: ``"rada"``, ``"rada+adapter"``, ``"mma"`` (paper) or ``"mma-master"``.
+        state_dict: parameters under the released names, a checkpoint dict whose
+            ``"state_dict"`` holds them, or the path of such a ``torch.save`` file.
+            Prefixes such as ``module.`` are tolerated.
+        strict: raise if the state dict holds tensors the method does not use.
+        **options: settings the tensors cannot tell: ``temperature``, ``heads``,
+            ``softmax``, ``regularizer``, ``alpha`` (RAda family); ``heads``,
+            ``blend`` (MMA). Sizes are read from the tensors.
+
+    Example:
+        >>> module = from_official("rada", torch.load("rada.pth")["state_dict"], temperature=0.5)
+    """
+    if method not in OFFICIAL_METHODS:
+        raise ValueError(f"from_official knows {OFFICIAL_METHODS}, got {method!r} (mma+rada has no released code)")
+    state = _load_state(state_dict)
+    find = _Finder(state)
+    if method in ("rada", "rada+adapter"):
+        stacked = [(find(f"{n}.weight"), find(f"{n}.bias")) for n in _RADA_STACKED]
+        dim = stacked[0][0].shape[1]
+        sizes: dict[str, Any] = {}
+        if method == "rada+adapter":
+            sizes["reduction"] = dim // find("adapter_image.fc.0.weight").shape[0]
+    else:
+        in_proj = find("adapter.mha.in_proj_weight")
+        if method == "mma":
+            down = find("adapter.downsampler.weight")
+            sizes = {"bottleneck": down.shape[0]}
+        else:
+            down = find("adapter.downsampler.0.weight")
+            sizes = {"bottleneck": in_proj.shape[1], "hidden": down.shape[0]}
+        dim = down.shape[1]
+        if "heads" in options:
+            options["mma_heads"] = options.pop("heads")
+    config = AdapterConfig.for_method(method, dim, **sizes, **options)
+    module = build_adapter(config)
+    ours: dict[str, Tensor] = {k: find(v) for k, v in _official_names(method).items()}
+    if method in ("rada", "rada+adapter"):
+        ours["to_qkv_rational.weight"] = torch.cat([w for w, _ in stacked])
+        ours["to_qkv_rational.bias"] = torch.cat([b for _, b in stacked])
+    extra = sorted(set(state) - find.used)
+    if strict and extra:
+        raise ValueError(
+            f"the state dict holds tensors that {method!r} does not use: {extra[:12]}; "
+            "pass strict=False to ignore them, or check the method"
+        )
+    expected = module.state_dict()
+    for name, value in ours.items():
+        if value.shape != expected[name].shape:
+            raise ValueError(
+                f"{name} (official {_official_names(method).get(name, 'q_proj3/k_proj/v_proj')}) has shape "
+                f"{tuple(value.shape)}, expected {tuple(expected[name].shape)} for {config}"
+            )
+    module.load_state_dict(ours, strict=True)
+    return module
+
+
+def to_official(method: str, module: RationalMask | MultiModalAdapter) -> dict[str, Tensor]:
+    """The module's parameters under the released code's names (contiguous copies)."""
+    if method not in OFFICIAL_METHODS:
+        raise ValueError(f"to_official knows {OFFICIAL_METHODS}, got {method!r}")
+    if getattr(module, "config", None) is None or module.config.method != method:
+        found = getattr(getattr(module, "config", None), "method", type(module).__name__)
+        raise ValueError(f"module is {found!r}, not {method!r}")
+    state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    out = {theirs: state[ours] for ours, theirs in _official_names(method).items()}
+    if method in ("rada", "rada+adapter"):
+        for name, w, b in zip(
+            _RADA_STACKED,
+            state["to_qkv_rational.weight"].chunk(3),
+            state["to_qkv_rational.bias"].chunk(3),
+        ):
+            out[f"{name}.weight"], out[f"{name}.bias"] = w.contiguous(), b.contiguous()
+    return out
