@@ -1,0 +1,167 @@
+"""Adapter files: safetensors only, configuration in the metadata, atomic writes.
+
+A file holds only the adapter's tensors under their stable state-dict names,
+contiguous, and in its metadata the format version, the package version and
+the :class:`~rada_mma.AdapterConfig` (method, sizes, options, embedding width).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import AdapterConfig
+from .modules import build_adapter
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "load_adapter", "read_adapter_config", "save_adapter"]
+
+FORMAT = "rada_mma.adapter"
+FORMAT_VERSION = "1"  # bump when names or layout of saved tensors change
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_adapter(
+    module: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``module``'s tensors and configuration to a safetensors file.
+
+    The file is written to a temporary name beside ``path`` and renamed into
+    place, so an interrupted save never leaves a half-written file.
+
+    Args:
+        module: a rada_mma adapter (anything :func:`rada_mma.build_adapter` makes).
+        path: destination, conventionally ``*.safetensors``.
+        overwrite: replace an existing file; without it an existing file is an error.
+        metadata: extra string entries stored under ``user.<key>``.
+
+    Returns:
+        The path written.
+    """
+    config = getattr(module, "config", None)
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"save_adapter takes a rada_mma adapter module, got {type(module).__name__}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in module.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rada_mma_version": _version(),
+        "method": config.method,
+        "dim": str(config.dim),
+        "config": config.to_json(),
+    }
+    for key, value in (metadata or {}).items():
+        meta[f"user.{key}"] = str(value)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter file at {path}")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or another format?): {err}. "
+            "Adapter files are written by save_adapter; checkpoints of the authors' code load with from_official"
+        ) from err
+
+
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    """The configuration stored in an adapter file, after checking its format."""
+    path = Path(path)
+    with _open(path) as fh:
+        meta = fh.metadata() or {}
+    return _config_from_metadata(meta, path)
+
+
+def _config_from_metadata(meta: dict[str, str], path: Path) -> AdapterConfig:
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is a safetensors file but not a rada_mma adapter (metadata format="
+            f"{meta.get('format')!r}, expected {FORMAT!r}); write adapters with save_adapter"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} uses adapter format version {meta.get('format_version')!r} (written by rada_mma "
+            f"{meta.get('rada_mma_version')}), this rada_mma ({_version()}) reads version {FORMAT_VERSION!r}; "
+            "install the rada_mma version that wrote it"
+        )
+    return AdapterConfig.from_json(meta["config"])
+
+
+def load_adapter(path: str | os.PathLike, module: nn.Module | None = None, *, map_location: str = "cpu"):
+    """Load an adapter file into ``module`` (checked against it), or into a new module.
+
+    Every difference is an error that names it: another method, width or
+    option, another format version, a missing or extra tensor, a wrong shape.
+
+    Args:
+        path: a file written by :func:`save_adapter`.
+        module: the adapter to load into; ``None`` builds one from the file's configuration.
+        map_location: device for a newly built module.
+
+    Returns:
+        The module holding the loaded tensors.
+    """
+    path = Path(path)
+    with _open(path) as fh:
+        config = _config_from_metadata(fh.metadata() or {}, path)
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    if module is None:
+        module = build_adapter(config).to(map_location)
+    else:
+        ours = getattr(module, "config", None)
+        if not isinstance(ours, AdapterConfig):
+            raise TypeError(f"load_adapter loads into a rada_mma adapter module, got {type(module).__name__}")
+        if ours.method != config.method:
+            raise ValueError(f"{path} holds a {config.method!r} adapter, but this model uses {ours.method!r}")
+        if ours.dim != config.dim:
+            raise ValueError(
+                f"{path} holds an adapter for embedding width {config.dim}, but this model's width is "
+                f"{ours.dim}; it was trained on another CLIP"
+            )
+        diffs = {
+            k: (v, getattr(ours, k)) for k, v in json.loads(config.to_json()).items() if getattr(ours, k) != v
+        }
+        if diffs:
+            listed = ", ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in sorted(diffs.items()))
+            raise ValueError(f"{path} was saved with other adapter options ({listed}); wrap with those options")
+    expected = module.state_dict()
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{path} does not match a {config.method!r} adapter: missing tensors {missing}, extra tensors {extra}")
+    for name, value in tensors.items():
+        if value.shape != expected[name].shape:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    with torch.no_grad():
+        module.load_state_dict(tensors, strict=True)
+    return module

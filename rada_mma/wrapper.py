@@ -1,0 +1,371 @@
+"""``wrap``: attach an adapter to an existing CLIP by composition.
+
+The wrapper holds the base model and calls its public encoders; it never
+patches the model. With the backbone frozen (the default) encoders run under
+``torch.no_grad`` in eval mode and the class text features are computed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .backends import Backend, detect_backend, model_device
+from .config import AdapterConfig
+from .modules import _Adapter, build_adapter, check_labels
+from .serialization import load_adapter, save_adapter
+
+__all__ = ["AdaptedCLIP", "wrap"]
+
+Template = str | Callable[[str], str]
+DEFAULT_TEMPLATES: tuple[Template, ...] = ("a photo of a {}.",)
+
+
+def wrap(
+    model: nn.Module,
+    method: str = "rada",
+    *,
+    backend: str | None = None,
+    freeze_backbone: bool = True,
+    dim: int | None = None,
+    logit_scale: float | None = None,
+    config: AdapterConfig | None = None,
+    generator: torch.Generator | None = None,
+    **options: Any,
+) -> AdaptedCLIP:
+    """Attach a ``method`` adapter to a CLIP model.
+
+    Args:
+        model: an open_clip ``CLIP``/``CustomTextCLIP``, a transformers
+            ``CLIPModel``/``SiglipModel``, an OpenAI ``clip`` model, or any module
+            with ``encode_image`` and ``encode_text``.
+        method: ``"rada"``, ``"rada+adapter"``, ``"mma"``, ``"mma-master"`` or ``"mma+rada"``.
+        backend: force ``"open_clip"``, ``"hf"``, ``"openai"`` or ``"generic"``.
+        freeze_backbone: ``False`` trains the encoders with the adapter (RAda-FT).
+        dim: embedding width, when the model does not tell it.
+        logit_scale: multiplicative logit scale, when the model has no ``logit_scale``.
+        config: a full :class:`AdapterConfig` instead of ``method`` and ``options``.
+        generator: draws the adapter's initial weights.
+        **options: adapter options (``heads``, ``temperature``, ``alpha``, ``blend``, ...).
+
+    Example:
+        >>> model = wrap(open_clip_model, method="rada")
+        >>> model.set_classes(["cat", "dog"], tokenizer=tokenizer)
+        >>> logits = model(images)   # (B, 2)
+    """
+    chosen = detect_backend(model, backend)
+    width = dim or chosen.embed_dim(model)
+    if config is None:
+        if width is None:
+            raise ValueError(
+                f"cannot tell the embedding width of {type(model).__name__}; pass dim=<width of encode_image output>"
+            )
+        config = AdapterConfig.for_method(method, width, **options)
+    elif options or (dim is not None and dim != config.dim):
+        raise TypeError("pass either config= or method options, not both")
+    if chosen.logit_scale(model) is None and logit_scale is None:
+        raise ValueError(
+            f"{type(model).__name__} has no logit_scale; pass logit_scale=<multiplicative scale, e.g. 100.0>"
+        )
+    adapter = build_adapter(config, generator=generator).to(model_device(model))
+    return AdaptedCLIP(model, adapter, chosen, freeze_backbone=freeze_backbone, logit_scale=logit_scale)
+
+
+class AdaptedCLIP(nn.Module):
+    """A CLIP with an adapter on its final embeddings; ``forward(images) -> (B, K)`` logits.
+
+    Made by :func:`wrap`. Set the classes once with :meth:`set_classes`; train
+    :meth:`trainable_parameters` with ``F.cross_entropy(logits, labels) +
+    model.regularization()``; save with :meth:`save_adapter`.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        adapter: _Adapter,
+        backend: Backend,
+        *,
+        freeze_backbone: bool = True,
+        logit_scale: float | None = None,
+    ):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.backend = backend
+        self.freeze_backbone = freeze_backbone
+        self._fixed_scale = logit_scale
+        # what unwrap() restores: the caller's requires_grad flags and mode
+        self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
+        self._base_training = base.training
+        self._adapter_enabled = True
+        self._class_tokens: list[Any] | None = None  # kept only when the text encoder trains
+        self._regularization: Tensor | None = None
+        self.register_buffer("class_features", None, persistent=False)  # (K, D) raw or ensembled
+        for name, p in base.named_parameters():
+            # the logit scale (and SigLIP's bias) stay frozen even in RAda-FT, as released
+            p.requires_grad_(not freeze_backbone and name not in ("logit_scale", "logit_bias"))
+        self.train(base.training)
+
+    # -- modes ------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> AdaptedCLIP:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.base.eval()  # frozen encoders never switch dropout or norm statistics on
+        return self
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within this context the model gives zero-shot CLIP logits."""
+        previous, self._adapter_enabled = self._adapter_enabled, False
+        try:
+            yield
+        finally:
+            self._adapter_enabled = previous
+
+    def unwrap(self) -> nn.Module:
+        """The base model, with its original ``requires_grad`` flags and train/eval mode."""
+        for name, p in self.base.named_parameters():
+            p.requires_grad_(self._base_requires_grad.get(name, p.requires_grad))
+        self.base.train(self._base_training)
+        return self.base
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters to hand to the optimiser (the adapter's, plus the encoders' in RAda-FT)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: N || all params: M || trainable%: P`` (as peft does)."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- encoders ---------------------------------------------------------------------------
+
+    def _encoder_context(self):
+        return torch.no_grad() if self.freeze_backbone else contextlib.nullcontext()
+
+    def encode_image(self, images: Any) -> Tensor:
+        """Raw image embeddings ``(B, D)`` in fp32 (no gradient when the backbone is frozen)."""
+        with self._encoder_context():
+            return self.backend.encode_image(self.base, images).float()
+
+    def encode_text(self, tokens: Any) -> Tensor:
+        """Raw text embeddings ``(N, D)`` in fp32 (no gradient when the backbone is frozen)."""
+        with self._encoder_context():
+            return self.backend.encode_text(self.base, tokens).float()
+
+    def logit_scale(self) -> Tensor:
+        """The multiplicative logit scale ``s``, fp32, never trained."""
+        if self._fixed_scale is not None:
+            return torch.tensor(float(self._fixed_scale), device=model_device(self.adapter))
+        return self.backend.logit_scale(self.base).detach().float().reshape(())
+
+    def logit_bias(self) -> Tensor | None:
+        bias = self.backend.logit_bias(self.base)
+        return None if bias is None else bias.detach().float().reshape(())
+
+    # -- classes ----------------------------------------------------------------------------
+
+    def set_classes(
+        self,
+        classes: Tensor | Sequence[str] | Any | None = None,
+        *,
+        tokenizer: Callable[..., Any] | None = None,
+        templates: Sequence[Template] | None = None,
+        text_features: Tensor | None = None,
+        batch_size: int = 256,
+    ) -> AdaptedCLIP:
+        """Set the K classes the model scores; changing classes (base → new) is one call.
+
+        Give exactly one of:
+
+        - token ids: ``(K, L)``, one prompt per class, or ``(K, T, L)``, T templates
+          per class (or a tokenizer's ``BatchEncoding`` for Hugging Face models);
+        - class names with ``tokenizer=`` (and optional ``templates=``, strings with
+          ``{}`` or callables; default ``"a photo of a {}."``);
+        - ``text_features=`` ``(K, D)`` or ``(K, T, D)`` precomputed embeddings.
+
+        Several templates are ensembled as open_clip's zero-shot classifier does:
+        normalise each, average, normalise. With the backbone frozen the features
+        are computed once here, without gradients.
+        """
+        given = sum(x is not None for x in (classes, text_features))
+        if given != 1:
+            raise ValueError("set_classes takes exactly one of: token ids, class names (with tokenizer=), text_features=")
+        if text_features is not None:
+            features = _ensemble(self._check_text_features(text_features))
+            self._class_tokens = None
+            self._store(features)
+            return self
+        if isinstance(classes, str):
+            raise TypeError("classes must be a list of class names, not a single string")
+        if isinstance(classes, Sequence) and all(isinstance(c, str) for c in classes):
+            if tokenizer is None:
+                raise ValueError("class names need a tokenizer: set_classes(names, tokenizer=open_clip.get_tokenizer(...))")
+            if len(classes) == 0:
+                raise ValueError("set_classes got K = 0 class names; give at least one class")
+            templates = list(templates or DEFAULT_TEMPLATES)
+            texts = [_fill(t, name) for name in classes for t in templates]  # class-major
+            prompts = (self.backend.tokenize(tokenizer, texts), len(templates))
+        elif templates is not None or tokenizer is not None:
+            raise ValueError("tokenizer= and templates= go with class names; token ids are used as given")
+        else:
+            prompts = _flat_prompts(classes)
+        self._class_tokens = prompts if not self.freeze_backbone else None
+        self._store(self._encode_prompts(prompts, batch_size))
+        return self
+
+    def _check_text_features(self, features: Tensor) -> Tensor:
+        if not isinstance(features, Tensor) or features.dim() not in (2, 3):
+            raise ValueError(
+                f"text_features must be a (K, D) or (K, T, D) tensor, got "
+                f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}"
+            )
+        if features.shape[0] == 0:
+            raise ValueError("text_features has K = 0 classes; give at least one class")
+        if features.shape[-1] != self.adapter.dim:
+            raise ValueError(
+                f"text_features have width {features.shape[-1]}, the adapter expects {self.adapter.dim} "
+                "(the model's embedding width)"
+            )
+        return features.detach().float() if self.freeze_backbone else features.float()
+
+    def _encode_prompts(self, prompts: tuple[Any, int], batch_size: int) -> Tensor:
+        """Encode ``K·T`` class-major prompts in batches and ensemble each class's T: ``(K, D)``."""
+        tokens, per_class = prompts
+        was_training = self.base.training
+        if self.freeze_backbone:
+            self.base.eval()
+        try:
+            chunks = [self.encode_text(_to_device(part, self)) for part in _batches(tokens, batch_size)]
+        finally:
+            self.base.train(was_training)
+        features = torch.cat(chunks)  # (K·T, D)
+        return _ensemble(features.reshape(-1, per_class, features.shape[-1]))  # (K, D)
+
+    def _store(self, features: Tensor) -> None:
+        if not bool(torch.isfinite(features.detach()).all()):
+            raise ValueError("class text features contain NaN or infinite values; check the tokens and the text encoder")
+        self.class_features = features.detach()
+        self._regularization = None
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.class_features is None else self.class_features.shape[0]
+
+    def text_features(self) -> Tensor:
+        """The class features used by forward: cached, or re-encoded when the text encoder trains."""
+        if self.class_features is None:
+            raise RuntimeError(
+                "no classes set: call model.set_classes(tokens | names, tokenizer=... | text_features=...) "
+                "before the forward pass"
+            )
+        if self._class_tokens is not None and torch.is_grad_enabled():
+            return self._encode_prompts(self._class_tokens, batch_size=1 << 30)
+        return self.class_features
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, images: Any) -> Tensor:
+        """Logits ``(B, K)`` for a batch of images (preprocessed as the base model expects)."""
+        text = self.text_features()
+        return self.logits_from_features(self.encode_image(images), text)
+
+    def logits_from_features(self, image_features: Tensor, text_features: Tensor | None = None) -> Tensor:
+        """Logits from raw image embeddings ``(B, D)`` (e.g. from a feature cache)."""
+        text = self.text_features() if text_features is None else text_features
+        scale = self.logit_scale()
+        if self._adapter_enabled:
+            if self.adapter.has_mask and self.adapter.config.alpha > 0:
+                logits, mask = self.adapter(image_features, text, scale, return_mask=True)
+                self._regularization = self.adapter.regularization(mask)
+            else:
+                logits = self.adapter(image_features, text, scale)
+                self._regularization = None
+        else:
+            self._regularization = None
+            logits = scale * kernels.normalize(image_features) @ kernels.normalize(text).T
+        bias = self.logit_bias()
+        return logits if bias is None else logits + bias
+
+    def regularization(self) -> Tensor:
+        """``alpha · reg(mask)`` of the last forward pass; zero for methods without a mask or ``alpha = 0``."""
+        if self._regularization is None:
+            return torch.zeros((), device=model_device(self.adapter))
+        return self._regularization
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``F.cross_entropy(logits, labels) + self.regularization()``, with the labels checked."""
+        check_labels(labels, logits)
+        return torch.nn.functional.cross_entropy(logits.float(), labels) + self.regularization()
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def save_adapter(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Save the adapter's tensors and configuration (see :func:`rada_mma.save_adapter`)."""
+        return save_adapter(self.adapter, path, overwrite=overwrite, metadata={"backend": self.backend.name})
+
+    def load_adapter(self, path: str | os.PathLike) -> AdaptedCLIP:
+        """Load adapter weights saved by :meth:`save_adapter` (checked against this model)."""
+        load_adapter(path, self.adapter)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend.name!r}, classes={self.num_classes}, freeze_backbone={self.freeze_backbone}"
+
+
+def _fill(template: Template, name: str) -> str:
+    return template(name) if callable(template) else template.format(name)
+
+
+def _flat_prompts(tokens: Any) -> tuple[Any, int]:
+    """Token ids as ``(K·T, L)`` class-major rows and the number T of prompts per class."""
+    if isinstance(tokens, Tensor):
+        if tokens.dim() not in (2, 3):
+            raise ValueError(f"token ids must be (K, L) or (K, T, L), got shape {tuple(tokens.shape)}")
+        if tokens.shape[0] == 0:
+            raise ValueError("set_classes got K = 0 classes; give at least one class")
+        per_class = 1 if tokens.dim() == 2 else tokens.shape[1]
+        return tokens.reshape(-1, tokens.shape[-1]), per_class
+    if hasattr(tokens, "keys") and "input_ids" in tokens:  # a tokenizer's BatchEncoding, one prompt per class
+        if tokens["input_ids"].shape[0] == 0:
+            raise ValueError("set_classes got K = 0 token rows; give at least one class")
+        return tokens, 1
+    raise TypeError(
+        f"classes must be token ids (a tensor), a tokenizer's output, or a list of names; got {type(tokens).__name__}"
+    )
+
+
+def _batches(tokens: Any, size: int) -> Iterator[Any]:
+    n = tokens.shape[0] if isinstance(tokens, Tensor) else tokens["input_ids"].shape[0]
+    for start in range(0, n, size):
+        if isinstance(tokens, Tensor):
+            yield tokens[start : start + size]
+        else:
+            yield {k: v[start : start + size] for k, v in tokens.items()}
+
+
+def _to_device(tokens: Any, model: AdaptedCLIP) -> Any:
+    device = model_device(model.base)
+    if isinstance(tokens, Tensor):
+        return tokens.to(device)
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tokens.items()}
+
+
+def _ensemble(features: Tensor) -> Tensor:
+    """``(K, D)`` kept raw; ``(K, T, D)`` with T > 1 -> normalise, average over T, normalise."""
+    if features.dim() == 2:
+        return features
+    if features.shape[1] == 1:
+        return features[:, 0]
+    return kernels.normalize(kernels.normalize(features).mean(dim=1))
