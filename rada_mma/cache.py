@@ -246,11 +246,26 @@ class _Views(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         if self.views == 0:
-            return self.transform(self.splits.load_image(self.items[index]))
+            return _as_tensor(self.transform(self.splits.load_image(self.items[index])))
         item, view = divmod(index, self.views)
         image = self.splits.load_image(self.items[item])
         with _seeded(_view_seed(self.seed, self.items[item], view)):
-            return self.augment(image)
+            return _as_tensor(self.augment(image))
+
+
+def _as_tensor(image: Any) -> Tensor:
+    """One ``(C, H, W)`` tensor from a transform's output (a Hugging Face processor gives a batch of one)."""
+    if isinstance(image, Mapping) and "pixel_values" in image:
+        image = image["pixel_values"]
+        image = image[0] if len(image) == 1 else image
+    if not isinstance(image, Tensor):
+        try:
+            image = torch.as_tensor(image)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"the transform gave a {type(image).__name__}; it must turn a PIL image into a (C, H, W) tensor"
+            ) from err
+    return image
 
 
 # -- extraction --------------------------------------------------------------------------------
@@ -319,7 +334,7 @@ def extract_image_features(
         augment: PIL image -> tensor augmentation; default :func:`default_augment` of ``transform``.
             It is seeded per (item, view) from ``seed``: reproducible, and the same whatever the
             rank, worker or batch size.
-        device: where to encode; default the model's device.
+        device: where to encode: the model's device (the default); another is an error.
         cache_path: a ``.safetensors`` file; loaded when its fingerprint matches, rebuilt (with a
             warning naming what changed) when it does not.
         progress: show a progress bar (rank 0 only).
@@ -341,6 +356,11 @@ def extract_image_features(
     if views > 0 and augment is None:
         augment = default_augment(transform)
     device = torch.device(device) if device is not None else model_device(model.base)
+    if not _same_device(device, model_device(model.base)):
+        raise ValueError(
+            f"the model is on {model_device(model.base)} but device={device}; move it first (model.to({str(device)!r})) "
+            "or leave device unset"
+        )
     amp = autocast and device.type == "cuda"
     rank, world = _rank_world()
     parts = fingerprint_parts(
@@ -366,6 +386,16 @@ def extract_image_features(
         if world > 1:
             dist.barrier()
     return features
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 def _same_on_all_ranks(fingerprint: str, parts: Mapping[str, str]) -> None:

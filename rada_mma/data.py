@@ -260,6 +260,10 @@ def _detect(name: str | None, *candidates: Any) -> tuple[DatasetInfo | None, str
     for candidate in candidates:
         info = find_dataset(candidate)
         if info is not None:
+            logger.info(
+                "recognised %r as %s: its prompt template and class-name fixes apply (pass name= to choose)",
+                candidate, info.name,
+            )
             return info, info.name
     return None, str(next((c for c in candidates if c), "dataset")).rsplit("/", 1)[-1]
 
@@ -271,7 +275,7 @@ def _check_classnames(given: list[str] | None, count: int, where: str) -> list[s
 
 
 def _from_image_folder(root: Path, *, classnames: list[str] | None, name: str | None) -> Splits:
-    info, title = _detect(name, root.name, root.parent.name)
+    info, title = _detect(name, root.name)
     ignored = set(info.ignored_folders) if info is not None else set()
     train_dir = root / "train"
     folders = sorted(

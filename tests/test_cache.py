@@ -304,3 +304,13 @@ def test_training_from_cache_equals_training_through_encoders(splits, preprocess
     assert any(not torch.equal(start[k], v) for k, v in cached.adapter.state_dict().items())  # it did train
     images = torch.stack([preprocess(splits.load_image(item)) for item in items[:batch]])
     assert torch.equal(through(images), cached.logits_from_features(features.image[:batch]))
+
+
+def test_processor_outputs_and_bad_devices(model, splits, preprocess):
+    """A Hugging Face processor's {"pixel_values": (1, C, H, W)} counts as the image tensor."""
+    def processor(image):
+        return {"pixel_values": preprocess(image)[None]}
+
+    assert torch.equal(extract(model, splits, processor).image, extract(model, splits, preprocess).image)
+    with pytest.raises(ValueError, match="the model is on cpu but device=meta"):
+        extract(model, splits, preprocess, device="meta")
