@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import open_clip
 import torch
 from torch import nn
@@ -9,10 +11,20 @@ from torch import nn
 EMBED_DIM = 32
 IMAGE_SIZE = 32
 CONTEXT = 16
+HF_VOCAB = 99
+# Special tokens inside the tiny vocabulary (transformers' defaults, 49406/49407, lie outside it and
+# make the config warn). eos_token_id=2 selects CLIP's legacy pooling: the position of the largest
+# token id, so the random ids from hf_tokens pool at a well-defined position.
+HF_SPECIAL_TOKENS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
 
+@functools.cache
 def tokenizer():
-    """open_clip's bundled BPE tokenizer (works offline), short context for speed."""
+    """open_clip's bundled BPE tokenizer (works offline), short context for speed.
+
+    Built once (reading the BPE vocabulary takes about half a second) and shared: it holds no state
+    but a cache of encoded words.
+    """
     return open_clip.SimpleTokenizer(context_length=CONTEXT)
 
 
@@ -40,8 +52,8 @@ def hf_clip_model(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=CONTEXT),
+        text_config=dict(vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=CONTEXT, **HF_SPECIAL_TOKENS),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=IMAGE_SIZE, patch_size=8),
         projection_dim=EMBED_DIM,
@@ -54,8 +66,8 @@ def hf_siglip_model(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = SiglipConfig(
-        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=CONTEXT),
+        text_config=dict(vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=CONTEXT, **HF_SPECIAL_TOKENS),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=IMAGE_SIZE, patch_size=8),
     )
@@ -64,7 +76,7 @@ def hf_siglip_model(seed: int = 0) -> nn.Module:
 
 def hf_tokens(k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 99, (k, 8), generator=g)
+    return torch.randint(1, HF_VOCAB, (k, 8), generator=g)
 
 
 class FakeOpenAICLIP(nn.Module):
@@ -114,3 +126,37 @@ class GenericDualEncoder(nn.Module):
 
     def encode_text(self, tokens):
         return self.text_embed(tokens).mean(1)
+
+
+HF_WORDS = ("[BOS]", "[PAD]", "[EOS]", "[UNK]", "a", "photo", "drawing", "of", "the", ".",
+            "cat", "dog", "bird", "fish", "car", "tree")
+
+
+def hf_tokenizer():
+    """A word-level transformers tokenizer over ``HF_WORDS``, built offline.
+
+    Its ids lie inside the tiny vocabulary and its special tokens are ``HF_SPECIAL_TOKENS``'s.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(HF_WORDS)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token="[BOS]", pad_token="[PAD]",
+                                   eos_token="[EOS]", unk_token="[UNK]")
+
+
+def train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, *,
+                lr: float = 1e-2, weight_decay: float = 0.0) -> list[float]:
+    """``steps`` AdamW steps of ``F.cross_entropy(logits, labels) + model.regularization()``; the losses."""
+    model.train()
+    optimiser = torch.optim.AdamW(model.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(images), labels) + model.regularization()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
