@@ -125,12 +125,12 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (OpenCLIPBackend(), HuggingFa
 
 def detect_backend(model: nn.Module, override: str | None = None) -> Backend:
     """The backend for ``model``: from ``override`` if given, else from its class."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap() takes a torch.nn.Module CLIP model, got {type(model).__name__}")
     if override is not None:
         if override not in BACKENDS:
             raise ValueError(f"unknown backend {override!r}; choose one of {', '.join(BACKENDS)}")
         return BACKENDS[override]
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"wrap() takes a torch.nn.Module CLIP model, got {type(model).__name__}")
     module = type(model).__module__
     if module.startswith("open_clip"):
         return BACKENDS["open_clip"]

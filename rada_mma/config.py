@@ -89,6 +89,23 @@ class AdapterConfig:
         """MMA's down-sampled width ``d`` (``D / 4`` unless ``bottleneck`` is set)."""
         return self.bottleneck or self.dim // 4
 
+    def forward_fields(self) -> tuple[str, ...]:
+        """The fields that shape the parameters or the logits of this method.
+
+        ``alpha`` and ``regularizer`` only enter the training loss, and fields of
+        the other family are ignored by the method.
+        """
+        names = ["method", "dim"]
+        if self.method in _RADA_FAMILY:
+            names += ["heads", "temperature", "softmax"]
+        if self.method == "rada+adapter":
+            names.append("reduction")
+        if self.method in _MMA_FAMILY:
+            names += ["bottleneck", "mma_heads", "blend"]
+        if self.method == "mma-master":
+            names.append("hidden")
+        return tuple(names)
+
     @property
     def has_mask(self) -> bool:
         """Whether the method produces a RAda mask (and so can be regularised)."""

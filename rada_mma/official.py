@@ -84,9 +84,11 @@ class _Finder:
         self.used: set[str] = set()
 
     def __call__(self, name: str) -> Tensor:
-        short = name.split(".", 1)[1]  # "mha.q_proj1.weight" may be saved as "q_proj1.weight"
         hits = [k for k in self.state if k == name or k.endswith("." + name)]
-        if not hits:
+        outer, short = name.split(".", 1)
+        if not hits and outer in ("mha", "adapter"):
+            # the attention block saved on its own: "mha.q_proj1.weight" as "q_proj1.weight". Never
+            # for the residual adapters, whose short names ("fc.0.weight") are the same on both sides.
             hits = [k for k in self.state if k == short or k.endswith("." + short)]
         if not hits:
             raise KeyError(f"official parameter {name!r} not found; the state dict has {sorted(self.state)[:12]}")
@@ -122,6 +124,12 @@ def from_official(method: str, state_dict: Any, *, strict: bool = True, **option
     if method in ("rada", "rada+adapter"):
         stacked = [(find(f"{n}.weight"), find(f"{n}.bias")) for n in _RADA_STACKED]
         dim = stacked[0][0].shape[1]
+        for name, (w, b) in zip(_RADA_STACKED, stacked, strict=True):  # checked before they are stacked
+            if w.shape != (dim, dim) or b.shape != (dim,):
+                raise ValueError(
+                    f"{name}.weight/.bias have shapes {tuple(w.shape)}/{tuple(b.shape)}, expected "
+                    f"({dim}, {dim})/({dim},) like mha.q_proj3 (width {dim})"
+                )
         sizes: dict[str, Any] = {}
         if method == "rada+adapter":
             sizes["reduction"] = dim // find("adapter_image.fc.0.weight").shape[0]
@@ -173,6 +181,7 @@ def to_official(method: str, module: RationalMask | MultiModalAdapter) -> dict[s
             _RADA_STACKED,
             state["to_qkv_rational.weight"].chunk(3),
             state["to_qkv_rational.bias"].chunk(3),
+            strict=True,
         ):
             out[f"{name}.weight"], out[f"{name}.bias"] = w.contiguous(), b.contiguous()
     return out

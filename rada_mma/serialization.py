@@ -7,7 +7,6 @@ the :class:`~rada_mma.AdapterConfig` (method, sizes, options, embedding width).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -74,11 +73,19 @@ def save_adapter(
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files; a saved adapter is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _default_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` would give a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _open(path: Path):
@@ -113,7 +120,15 @@ def _config_from_metadata(meta: dict[str, str], path: Path) -> AdapterConfig:
             f"{meta.get('rada_mma_version')}), this rada_mma ({_version()}) reads version {FORMAT_VERSION!r}; "
             "install the rada_mma version that wrote it"
         )
-    return AdapterConfig.from_json(meta["config"])
+    if "config" not in meta:
+        raise ValueError(
+            f"{path} has rada_mma adapter metadata but no 'config' entry: the file was altered or written by "
+            "another tool; save it again with save_adapter"
+        )
+    try:
+        return AdapterConfig.from_json(meta["config"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: cannot read its adapter config: {err}") from err
 
 
 def load_adapter(path: str | os.PathLike, module: nn.Module | None = None, *, map_location: str = "cpu"):
@@ -147,8 +162,12 @@ def load_adapter(path: str | os.PathLike, module: nn.Module | None = None, *, ma
                 f"{path} holds an adapter for embedding width {config.dim}, but this model's width is "
                 f"{ours.dim}; it was trained on another CLIP"
             )
+        # Only what shapes the parameters or the logits must agree; alpha and the
+        # regulariser are the loading model's own training choice.
         diffs = {
-            k: (v, getattr(ours, k)) for k, v in json.loads(config.to_json()).items() if getattr(ours, k) != v
+            k: (getattr(config, k), getattr(ours, k))
+            for k in ours.forward_fields()
+            if getattr(config, k) != getattr(ours, k)
         }
         if diffs:
             listed = ", ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in sorted(diffs.items()))

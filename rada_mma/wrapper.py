@@ -103,7 +103,7 @@ class AdaptedCLIP(nn.Module):
         self._fixed_scale = logit_scale
         # what unwrap() restores: the caller's requires_grad flags and mode
         self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
-        self._base_training = base.training
+        self._base_modes = {name: m.training for name, m in base.named_modules()}
         self._adapter_enabled = True
         self._class_tokens: list[Any] | None = None  # kept only when the text encoder trains
         self._regularization: Tensor | None = None
@@ -134,7 +134,8 @@ class AdaptedCLIP(nn.Module):
         """The base model, with its original ``requires_grad`` flags and train/eval mode."""
         for name, p in self.base.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(name, p.requires_grad))
-        self.base.train(self._base_training)
+        for name, m in self.base.named_modules():  # per module: a caller's base.visual.eval() survives
+            m.training = self._base_modes.get(name, m.training)
         return self.base
 
     # -- parameters -------------------------------------------------------------------------
@@ -242,14 +243,8 @@ class AdaptedCLIP(nn.Module):
 
     def _encode_prompts(self, prompts: tuple[Any, int], batch_size: int) -> Tensor:
         """Encode ``K·T`` class-major prompts in batches and ensemble each class's T: ``(K, D)``."""
-        tokens, per_class = prompts
-        was_training = self.base.training
-        if self.freeze_backbone:
-            self.base.eval()
-        try:
-            chunks = [self.encode_text(_to_device(part, self)) for part in _batches(tokens, batch_size)]
-        finally:
-            self.base.train(was_training)
+        tokens, per_class = prompts  # a frozen base is always in eval mode (see train())
+        chunks = [self.encode_text(_to_device(part, self)) for part in _batches(tokens, batch_size)]
         features = torch.cat(chunks)  # (K·T, D)
         return _ensemble(features.reshape(-1, per_class, features.shape[-1]))  # (K, D)
 
@@ -270,7 +265,7 @@ class AdaptedCLIP(nn.Module):
                 "no classes set: call model.set_classes(tokens | names, tokenizer=... | text_features=...) "
                 "before the forward pass"
             )
-        if self._class_tokens is not None and torch.is_grad_enabled():
+        if self._class_tokens is not None:  # the text encoder trains: never use stale features
             return self._encode_prompts(self._class_tokens, batch_size=1 << 30)
         return self.class_features
 
