@@ -311,3 +311,15 @@ def test_saved_file_has_the_usual_permissions(tmp_path):
     reference.write_bytes(b"")
     path = fresh("rada").save_adapter(tmp_path / "adapter.safetensors")
     assert oct(path.stat().st_mode & 0o777) == oct(reference.stat().st_mode & 0o777)
+
+
+def test_training_only_options_do_not_block_loading(tmp_path):
+    # alpha and the regulariser only enter the loss: a file trained with them loads into a model
+    # that evaluates (or goes on training) with its own choice, and gives the same logits.
+    trained = rada_mma.RationalMask(dim=32, heads=4, alpha=0.3, regularizer="l1", generator=torch.Generator().manual_seed(1))
+    torch.nn.init.normal_(trained.to_out.weight, std=0.1)
+    path = save_adapter(trained, tmp_path / "a.safetensors")
+    fresh = load_adapter(path, rada_mma.RationalMask(dim=32, heads=4))
+    assert fresh.config.alpha == 0.0 and fresh.config.regularizer == "linf"
+    f, h = torch.randn(3, 32), torch.randn(5, 32)
+    assert torch.equal(fresh(f, h, 100.0), trained(f, h, 100.0))
