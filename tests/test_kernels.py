@@ -79,6 +79,18 @@ def assert_mask_close(got: Tensor, want: Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=3e-5)
 
 
+def inputs(image: Tensor, text: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Fresh leaf copies of the features and the logit scale, so that their gradients are checked too."""
+    scale = torch.tensor(SCALE) if scale is None else scale
+    return tuple(t.detach().clone().requires_grad_() for t in (image, text, scale))
+
+
+def input_grads(leaves: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+    return dict(
+        zip(("input.image", "input.text", "input.logit_scale"), (t.grad for t in leaves), strict=True)
+    )
+
+
 # ----------------------------------------------------------------------------
 # Parity with the released formulations on random shapes
 # ----------------------------------------------------------------------------
@@ -87,18 +99,20 @@ def assert_mask_close(got: Tensor, want: Tensor) -> None:
 def check_rada_parity(module: RationalMask, batch: int, classes: int, path: str, seed: int) -> None:
     randomize_(module, seed=seed, gain=rada_gain(module.dim))
     ref = released_rada(module)
-    image, text = raw_features(batch, classes, module.dim, seed=seed + 1)
+    ours = inputs(*raw_features(batch, classes, module.dim, seed=seed + 1))
+    theirs = inputs(*ours)
 
     with attention_path(path):
-        logits, mask = module(image, text, SCALE, return_mask=True)
+        logits, mask = module(*ours, return_mask=True)
         objective(logits, mask, seed=seed + 2).backward()
-    ref_logits, ref_mask = ref(image, text, torch.tensor(SCALE))
+    ref_logits, ref_mask = ref(*theirs)
     assert logits.shape == (batch, classes) and mask.shape == (batch, classes, module.dim)
     assert_mask_close(mask, ref_mask)
     assert_logits_close(logits, ref_logits)
 
     objective(ref_logits, ref_mask, seed=seed + 2).backward()
-    assert_grads_close(official_grads(module), reference_grads(ref), rtol=1e-3, floor=1e-6)
+    got = {**official_grads(module), **input_grads(ours)}
+    assert_grads_close(got, {**reference_grads(ref), **input_grads(theirs)}, rtol=1e-3, floor=1e-6)
 
 
 @PROPERTY
@@ -158,15 +172,17 @@ def test_mma_matches_released(batch, classes, shape, variant, seed):
     dim, heads = shape
     module = randomize_(MultiModalAdapter(dim=dim, heads=heads, variant=variant), seed=seed, gain=2.0)
     ref = released_mma(module)
-    image, text = raw_features(batch, classes, dim, seed=seed + 1)
+    ours = inputs(*raw_features(batch, classes, dim, seed=seed + 1))
+    theirs = inputs(*ours)
 
-    logits = module(image, text, SCALE)
-    ref_logits = ref(image, text, torch.tensor(SCALE))
+    logits = module(*ours)
+    ref_logits = ref(*theirs)
     assert_logits_close(logits, ref_logits)
 
     objective(logits, seed=seed + 2).backward()
     objective(ref_logits, seed=seed + 2).backward()
-    assert_grads_close(official_grads(module), reference_grads(ref), rtol=1e-3, floor=1e-6)
+    got = {**official_grads(module), **input_grads(ours)}
+    assert_grads_close(got, {**reference_grads(ref), **input_grads(theirs)}, rtol=1e-3, floor=1e-6)
 
 
 def released_mma_features(ref: ReleasedMMA, image_features: Tensor, text_features: Tensor):
@@ -224,8 +240,8 @@ def test_mma_rada_matches_literal(batch, classes, shape, heads, temperature, sof
     attention.load_state_dict(
         {name.removeprefix("mha."): value for name, value in rada_state.items() if name.startswith("mha.")}
     )
-    image, text = raw_features(batch, classes, dim, seed=seed + 2)
-    s = torch.tensor(SCALE)
+    ours = inputs(*raw_features(batch, classes, dim, seed=seed + 2))
+    image, text, s = theirs = inputs(*ours)
 
     f2, h2 = released_mma_features(mma_ref, image, text)
     # the helper is the released forward: its logits are the released logits
@@ -234,15 +250,17 @@ def test_mma_rada_matches_literal(batch, classes, shape, heads, temperature, sof
     ref_logits = s * (ref_mask * f2.unsqueeze(1) * h2).sum(-1)
 
     with attention_path(path):
-        logits, mask = module(image, text, SCALE, return_mask=True)
+        logits, mask = module(*ours, return_mask=True)
         objective(logits, mask, seed=seed + 3).backward()
     assert_mask_close(mask, ref_mask)
     assert_logits_close(logits, ref_logits)
 
+    mma_ref.zero_grad()  # the check above ran the released forward once more
     objective(ref_logits, ref_mask, seed=seed + 3).backward()
-    want = reference_grads(mma_ref)
+    want = {**reference_grads(mma_ref), **input_grads(theirs)}
     want.update({f"mha.{name}": g for name, g in reference_grads(attention).items()})
-    assert_grads_close(official_grads(module), want, rtol=1e-3, floor=1e-6)
+    got = {**official_grads(module), **input_grads(ours)}
+    assert_grads_close(got, want, rtol=1e-3, floor=1e-6)
 
 
 # The portable path's blocks: B·H·K = 2·8·13 = 208 elements per query row, so 1
