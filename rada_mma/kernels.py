@@ -38,9 +38,16 @@ __all__ = [
     "residual_adapter",
 ]
 
-# Elements of one (B, heads, chunk, K) score block: bounds the attention
-# workspace (about 4 such fp32 blocks live at once in backward).
+# Elements of one (B, heads, chunk, K) score block of the portable (chunked)
+# attention: bounds its workspace (about 3 such blocks live at once in backward).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+# PyTorch's fused flash-attention kernels for CPU (forward returns the row
+# log-sum-exp; backward recomputes blocks from it). Used for the text and
+# rational attentions on CPU in float32, bfloat16 and float16; set to False to
+# force the portable chunked path everywhere.
+FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _no_autocast(x: Tensor):
@@ -59,7 +66,7 @@ def normalize(x: Tensor) -> Tensor:
 
 
 class _RowAttentionWithLSE(torch.autograd.Function):
-    """Row-softmax attention that also returns each row's log-sum-exp.
+    """Row-softmax attention that also returns each row's log-sum-exp (portable path).
 
     ``o[q] = softmax_j(S[q, j]) @ v`` and ``lse[q] = logsumexp_j S[q, j]`` with
     ``S = q kᵀ · scale``, computed ``chunk`` query rows at a time. Backward
@@ -71,12 +78,16 @@ class _RowAttentionWithLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, chunk: int):
         # q: (B, H, K, c) (may be a broadcast view), k, v: (B, H, J, c)
+        # Contiguous keys and values: a strided (B, H) batch would be copied by
+        # every block's matmul.
+        k, v = k.contiguous(), v.contiguous()
         outs, lses = [], []
-        kt = k.transpose(-1, -2)  # (B, H, c, J)
+        kt = k.transpose(-1, -2)  # (B, H, c, J), a view
         for start in range(0, q.shape[-2], chunk):
-            s = (q[..., start : start + chunk, :] @ kt).float() * scale  # (B, H, C, J)
+            qc = q[..., start : start + chunk, :] * scale  # (B, H, C, c): scale folded into the queries
+            s = (qc @ kt).float()  # (B, H, C, J)
             lse = torch.logsumexp(s, dim=-1)  # (B, H, C)
-            p = torch.exp(s - lse.unsqueeze(-1))  # (B, H, C, J)
+            p = s.sub_(lse.unsqueeze(-1)).exp_()  # (B, H, C, J), in place
             outs.append(p.to(v.dtype) @ v)  # (B, H, C, c)
             lses.append(lse)
         o, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)  # (B, H, K, c), (B, H, K)
@@ -93,23 +104,125 @@ class _RowAttentionWithLSE(torch.autograd.Function):
         delta = (do.float() * o.float()).sum(-1)  # (B, H, K)
         if dlse is not None:
             delta = delta - dlse.float()
-        kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)
+        kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)  # views
         dq_parts = []
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for start in range(0, q.shape[-2], chunk):
             rows = slice(start, start + chunk)
-            qc, doc = q[..., rows, :], do[..., rows, :]
-            s = (qc @ kt).float() * scale  # (B, H, C, J)
-            p = torch.exp(s - lse[..., rows].unsqueeze(-1))  # (B, H, C, J)
-            dp = (doc @ vt).float()  # (B, H, C, J)
-            ds = p * (dp - delta[..., rows].unsqueeze(-1))  # (B, H, C, J)
-            dv = dv + p.transpose(-1, -2) @ doc.float()  # (B, H, J, c)
+            qc, doc = q[..., rows, :] * scale, do[..., rows, :]  # (B, H, C, c)
+            s = (qc @ kt).float()  # (B, H, C, J)
+            p = s.sub_(lse[..., rows].unsqueeze(-1)).exp_()  # (B, H, C, J), in place
+            ds = (doc @ vt).float()  # dP: (B, H, C, J)
+            ds = ds.sub_(delta[..., rows].unsqueeze(-1)).mul_(p)  # dS = P ⊙ (dP − delta), in place
+            dv += (p.transpose(-1, -2) @ doc.float()).float()  # (B, H, J, c)
             ds_low = ds.to(q.dtype)
             dq_parts.append((ds_low @ k).float() * scale)  # (B, H, C, c)
-            dk = dk + (ds_low.transpose(-1, -2) @ qc).float() * scale  # (B, H, J, c)
+            dk += (ds_low.transpose(-1, -2) @ qc).float()  # (B, H, J, c): qc carries the scale
         dq = torch.cat(dq_parts, dim=-2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+class _FlashAttentionCPU(torch.autograd.Function):
+    """Row attention and its log-sum-exp through PyTorch's fused CPU flash kernels.
+
+    ``q, k, v`` arrive with one extra column after the head width ``c``
+    (``(..., c + 1)``): zero in ``q`` and ``k``, so the scores are those of the
+    unpadded tensors, and one in ``v``. The column lets backward take the
+    gradient of ``lse``, which the kernel does not: it forms
+    ``dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))``. With ``dlse`` in that column of
+    ``dO``, against the ones of ``V``, every ``dP[q, j]`` gains ``dlse[q]``;
+    the saved ``O`` has that column zeroed after forward (it held
+    ``Σ_j P[q, j] = 1``), so the row sum is unchanged and
+    ``dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse)``, as required. The output's
+    extra column is zero; the gradients' extra columns are to be discarded.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float):
+        # q: (B, H, Q, c + 1) (a broadcast view is fine), k, v: (B, H, J, c + 1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        out[..., -1] = 0  # (B, H, Q, c + 1); was Σ_j P = 1
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out, lse  # lse: (B, H, Q), fp32
+
+    @staticmethod
+    def backward(ctx, do: Tensor | None, dlse: Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(out)  # (B, H, Q, c + 1)
+        # Written in place: the only consumer of `out` is the row rescaling in
+        # _query_attention, whose backward hands us a fresh tensor (saves a copy).
+        do[..., -1] = 0 if dlse is None else dlse
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, False, scale=ctx.scale
+        )
+        return dq, dk, dv, None
+
+
+class _RationalProjection(torch.autograd.Function):
+    """``F.linear(s·f̂_b ⊙ ĥ_k, W, bias)`` for every image and class, ``(B, K, E)``.
+
+    Autograd would keep the ``(B, K, D)`` rational matrix for ``dW``; it is a
+    product of the small ``f̂`` and ``ĥ``, so backward recomputes it instead.
+    Under autocast the projection runs in autocast's dtype, and so do its
+    gradients (as autograd through an autocast ``F.linear`` would).
+    """
+
+    @staticmethod
+    def forward(ctx, f: Tensor, h: Tensor, s: Tensor, weight: Tensor, bias: Tensor | None):
+        # f: (B, D), h: (K, D) or (B, K, D), s: ()
+        rational = (s * f).unsqueeze(1) * h  # (B, K, D)
+        ctx.save_for_backward(f, h, s, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(rational, weight, bias)  # (B, K, E)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        f, h, s, weight = ctx.saved_tensors
+        rational = (s * f).unsqueeze(1) * h  # (B, K, D), recomputed
+        rows = dy.flatten(0, -2)  # (B·K, E)
+        dw = (rows.T @ rational.flatten(0, -2).to(dy.dtype)).to(weight.dtype)  # (E, D)
+        db = rows.sum(0, dtype=torch.float32).to(weight.dtype) if ctx.has_bias else None  # (E,)
+        df = dh = ds = None
+        if any(ctx.needs_input_grad[:3]):
+            dr = (dy @ weight.to(dy.dtype)).float()  # (B, K, D): gradient of the rational matrix
+            if ctx.needs_input_grad[0]:
+                df = s * (dr * h).sum(-2)  # (B, D)
+            if ctx.needs_input_grad[1]:
+                dh = s * f.unsqueeze(1) * dr  # (B, K, D)
+                dh = dh.sum(0) if h.dim() == 2 else dh  # (K, D) when shared by all images
+            if ctx.needs_input_grad[2]:
+                ds = (dr * rational).sum() / s
+        return df, dh, ds, dw, db
+
+
+def _use_flash(x: Tensor) -> bool:
+    """Whether the fused CPU kernels serve this device and dtype (static: no tensor values read)."""
+    return FLASH_CPU and x.device.type == "cpu" and x.dtype in _FLASH_DTYPES
+
+
+def _query_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, softmax: str, chunk: int, padded: bool
+) -> Tensor:
+    """``A V`` for one query kind by the fastest exact path for the device: ``(B, H, K, c)``.
+
+    ``softmax="flat"`` rescales row ``q`` of the row-softmax output by
+    ``K · exp(lse_q − logsumexp_q lse_q)``. ``padded``: ``q, k, v`` carry the
+    zero column of :class:`_FlashAttentionCPU` (the output keeps it); the
+    portable path is never given one.
+    """
+    if softmax == "row":  # no log-sum-exp needed: PyTorch's own fused attention where it has one
+        if _use_flash(q):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return _RowAttentionWithLSE.apply(q, k, v, scale, chunk)[0]
+    if padded:
+        o, lse = _FlashAttentionCPU.apply(q, k, v, scale)  # (B, H, K, c + 1), (B, H, K)
+    else:
+        o, lse = _RowAttentionWithLSE.apply(q, k, v, scale, chunk)  # (B, H, K, c), (B, H, K)
+    weight = torch.softmax(lse, dim=-1) * q.shape[-2]  # (B, H, K): K · exp(lse_q − L)
+    return o * weight.unsqueeze(-1).to(o.dtype)
 
 
 def flat_attention(
@@ -123,7 +236,8 @@ def flat_attention(
         scale: multiplies the scores (``1 / (√c · τ)``).
         softmax: ``"flat"``: the released softmax over all ``K·K`` entries of a
             head's map, times ``K``; ``"row"``: the textbook row softmax.
-        chunk: query rows processed per block.
+        chunk: query rows per block of the portable path (the fused CPU
+            kernels choose their own blocks).
 
     Returns:
         ``(B, H, K, c)``: ``A @ v`` for the chosen ``A``.
@@ -131,12 +245,11 @@ def flat_attention(
     The flat softmax times ``K`` equals ``K · exp(lse_q − L) · rowsoftmax``
     with ``L = logsumexp_q lse_q``: rows are rescaled after the fact.
     """
-    o, lse = _RowAttentionWithLSE.apply(q, k, v, scale, chunk)  # (B, H, K, c), (B, H, K)
-    if softmax == "row":
-        return o
-    n = q.shape[-2]
-    weight = torch.exp(lse - torch.logsumexp(lse, dim=-1, keepdim=True)) * n  # (B, H, K)
-    return o * weight.unsqueeze(-1).to(o.dtype)
+    padded = softmax == "flat" and _use_flash(q) and k.dtype == q.dtype == v.dtype
+    if padded:  # the extra column _FlashAttentionCPU needs
+        q, k, v = F.pad(q, (0, 1)), F.pad(k, (0, 1)), F.pad(v, (0, 1), value=1.0)  # (..., c + 1)
+    o = _query_attention(q, k, v, scale=scale, softmax=softmax, chunk=chunk, padded=padded)
+    return o[..., :-1] if padded else o
 
 
 def _chunk_rows(batch: int, heads: int, keys: int, budget: int) -> int:
@@ -168,7 +281,7 @@ def rada_mask(
         qkv_rational: the stacked ``W_qr, W_k, W_v``: ``((3D, D), (3D,))``.
         out: ``W_o`` as ``(weight, bias)``.
         heads, temperature, softmax: as in :class:`rada_mma.RationalMask`.
-        chunk_elements: size of one score block; bounds the workspace.
+        chunk_elements: size of one score block of the portable path; bounds its workspace.
 
     Returns:
         ``(B, K, D)`` mask ``M``.
@@ -177,42 +290,49 @@ def rada_mask(
     k = h.shape[-2]
     c = d // heads
     s = scale.to(torch.float32)
-    # The rational matrix s·R[b, k] = s·f̂_b ⊙ ĥ_k is the projections' input; it
-    # is O(B·K·D) and is what autograd keeps for the weight gradients.
-    rational = (s * f).unsqueeze(1) * h  # (B, K, D)
-    q_r, keys, values = F.linear(rational, *qkv_rational).chunk(3, dim=-1)  # 3 × (B, K, D)
-    q_i = F.linear(s.sqrt() * f, *query_image)  # (B, D)
+    # The rational matrix s·R[b, k] = s·f̂_b ⊙ ĥ_k is the projections' input:
+    # O(B·K·D), recomputed in backward rather than kept.
+    q_r, keys, values = _RationalProjection.apply(f, h, s, *qkv_rational).chunk(3, dim=-1)  # 3 × (B, K, D)
+    q_i = F.linear(s.sqrt() * f, *query_image).unsqueeze(-2)  # (B, 1, D)
     q_t = F.linear(s.sqrt() * h, *query_text)  # (K, D) or (B, K, D)
+    # On CPU the text and rational attentions run in the fused flash kernels,
+    # which take one extra zero column per head (see _FlashAttentionCPU).
+    padded = softmax == "flat" and _use_flash(keys)  # static: device and dtype only
 
-    def split(x: Tensor) -> Tensor:
-        return rearrange(x, "... k (h c) -> ... h k c", h=heads)
+    def split(x: Tensor, pad: float = 0.0) -> Tensor:  # (..., K, D) -> (..., H, K, c (+ 1)), one contiguous copy
+        x = rearrange(x, "... k (h c) -> ... h k c", h=heads)
+        return F.pad(x, (0, 1), value=pad) if padded else x.contiguous()
 
-    keys, values, q_r = split(keys), split(values), split(q_r)  # (B, H, K, c)
-    q_t = split(q_t)  # (H, K, c) or (B, H, K, c)
-    q_t = q_t.expand(b, *q_t.shape[-3:])  # (B, H, K, c), a view
+    keys, q_r, q_i = split(keys), split(q_r), split(q_i)  # (B, H, K, c'), q_i (B, H, 1, c')
+    values = split(values, pad=1.0)  # (B, H, K, c')
+    q_t = split(q_t)  # (H, K, c') or (B, H, K, c')
+    q_t = q_t.expand(b, *q_t.shape[-3:])  # (B, H, K, c'), a view: shared text queries are never copied
     attn_scale = 1.0 / (math.sqrt(c) * temperature)
     chunk = _chunk_rows(b, heads, k, chunk_elements)
 
     # Image queries: all K rows of the map are equal, so the flat softmax
     # times K is a plain softmax over one (1, K) row per head and image.
-    q_i = rearrange(q_i, "b (h c) -> b h c", h=heads)  # (B, H, c)
-    scores_i = torch.einsum("bhc,bhkc->bhk", q_i, keys).float() * attn_scale  # (B, H, K)
-    attn_i = torch.softmax(scores_i, dim=-1).to(values.dtype)  # (B, H, K)
-    o_i = torch.einsum("bhk,bhkc->bhc", attn_i, values)  # (B, H, c)
-    o_t = flat_attention(q_t, keys, values, scale=attn_scale, softmax=softmax, chunk=chunk)
-    o_r = flat_attention(q_r, keys, values, scale=attn_scale, softmax=softmax, chunk=chunk)
-    mixed = (o_t + o_r + o_i.unsqueeze(-2)) / 3  # (B, H, K, c)
-    mixed = rearrange(mixed, "b h k c -> b k (h c)")  # (B, K, D)
-    return F.relu(1 + F.linear(mixed, *out).float())  # (B, K, D)
+    scores_i = (q_i @ keys.transpose(-1, -2)).float() * attn_scale  # (B, H, 1, K)
+    o_i = torch.softmax(scores_i, dim=-1).to(values.dtype) @ values  # (B, H, 1, c')
+    options = dict(scale=attn_scale, softmax=softmax, chunk=chunk, padded=padded)
+    o_t = _query_attention(q_t, keys, values, **options)  # (B, H, K, c')
+    o_r = _query_attention(q_r, keys, values, **options)  # (B, H, K, c')
+    mixed = (o_t + o_r).add_(o_i).div_(3)  # (B, H, K, c'): A = (A_i V + A_t V + A_r V) / 3
+    mixed = rearrange(mixed[..., :c], "b h k c -> b k (h c)")  # (B, K, D)
+    return F.relu_(F.linear(mixed, *out).float().add_(1))  # (B, K, D), in place: the projection output is ours
 
 
 def rada_logits(mask: Tensor, f: Tensor, h: Tensor, scale: Tensor) -> Tensor:
-    """``s · Σ_d M[b,k,d] · f̂[b,d] · ĥ[k,d]`` in fp32; ``h`` is ``(K, D)`` or ``(B, K, D)``."""
+    """``s · Σ_d M[b,k,d] · f̂[b,d] · ĥ[k,d]`` in fp32; ``h`` is ``(K, D)`` or ``(B, K, D)``.
+
+    Written as the released code writes it, products then one sum over ``d``:
+    as accurate as the released logits (a three-operand einsum goes through a
+    matmul that loses a few more ulps) and, with frozen features, autograd keeps
+    no ``(B, K, D)`` tensor for it.
+    """
     with _no_autocast(f):
         s = scale.to(torch.float32)
-        if h.dim() == 2:
-            return s * torch.einsum("bkd,bd,kd->bk", mask.float(), f.float(), h.float())  # (B, K)
-        return s * torch.einsum("bkd,bd,bkd->bk", mask.float(), f.float(), h.float())  # (B, K)
+        return s * (mask.float() * f.float().unsqueeze(1) * h.float()).sum(-1)  # (B, K)
 
 
 def regularizer(mask: Tensor, kind: str) -> Tensor:
