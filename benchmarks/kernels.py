@@ -1,0 +1,793 @@
+"""Fused kernels against the released formulation: time and peak memory of one training step.
+
+One training step is forward + cross-entropy + backward of the adapter alone,
+on cached features (the frozen encoders are not part of it). Two
+implementations run on the same inputs and the same weights:
+
+- ``released``: ``tests/reference.py``, a literal transcription of the authors'
+  formulation (RAda's three ``(B, 8, K, K)`` maps, MMA's ``(K + 1)``-token
+  sequence per image), the same reference the tests use;
+- ``fused``: ``rada_mma``'s modules and kernels.
+
+Usage, from the repository root::
+
+    python benchmarks/kernels.py --device cpu --quick --json benchmarks/results/kernels_cpu.json
+    python benchmarks/kernels.py --device cpu --json benchmarks/results/kernels_cpu.json       # all sizes
+    python benchmarks/kernels.py --device cuda --json benchmarks/results/kernels_cuda.json     # + bf16 autocast
+    python benchmarks/kernels.py --classes 4 --batch 2 --dim 32 --repeats 1 --json /tmp/k.json  # smoke test
+
+Each point runs in a fresh process (``--point``), so that its CPU peak memory
+is the resident-set growth of a process that ran only that point: the peak
+RSS over its steps minus the RSS after imports, inputs and weights (the kernel's
+high-water mark is reset through ``/proc/self/clear_refs`` first). On CUDA the
+peak is ``max_memory_allocated`` over the steps minus what was allocated before
+the first step. A point that runs out of memory is recorded with ``oom: true``.
+
+Errors are against the released formulation in fp32 with the same inputs and
+weights: ``max_abs_err_logits`` and ``max_rel_err_grads`` (``‖g − g_ref‖ /
+‖g_ref‖``, the largest over parameters). Where the released form ran out of
+memory at full batch, its reference outputs come from micro-batches (images
+are independent and the loss is a batch mean, so this is the same gradient).
+
+The same run times a large fp32 matmul (``machine_matmul_gflops``) so that the
+fused kernels' FLOP rate (:func:`fused_flops`, counted analytically) reads as a
+fraction of what the machine can do. JSON, a markdown table and a plot of time
+and memory against K are written next to ``--json`` (same stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the released formulation lives with the tests, not the package
+
+from reference import ReleasedMMA, ReleasedRAda  # noqa: E402
+
+from rada_mma.modules import MultiModalAdapter, RationalMask  # noqa: E402
+from rada_mma.official import to_official  # noqa: E402
+
+METHODS = ("rada", "mma", "rada+adapter")
+IMPLS = ("released", "fused")
+CLASSES = (10, 32, 100, 320, 1000)
+BATCHES = {"rada": (8, 32), "rada+adapter": (8, 32), "mma": (32, 256)}
+LOGIT_SCALE = 100.0
+REQUIRED_KEYS = (
+    "method",
+    "impl",
+    "batch",
+    "classes",
+    "dim",
+    "device",
+    "dtype",
+    "ms_median",
+    "peak_mb",
+    "max_abs_err_logits",
+    "max_rel_err_grads",
+    "oom",
+)
+
+
+# ----------------------------------------------------------------------------
+# FLOP counts
+# ----------------------------------------------------------------------------
+
+
+def _linear_flops(rows: int, d_in: int, d_out: int, input_grad: bool) -> tuple[int, int]:
+    """(forward, backward) FLOPs of ``rows`` vectors through a ``d_in → d_out`` matrix.
+
+    Backward is the weight gradient, plus the input gradient where the input
+    needs one (frozen features do not).
+    """
+    forward = 2 * rows * d_in * d_out
+    return forward, forward * (2 if input_grad else 1)
+
+
+def fused_flops(method: str, batch: int, classes: int, dim: int, heads: int = 8) -> dict[str, int]:
+    """Multiply-add FLOPs (2 per multiply-add) of one fused training step, counted analytically.
+
+    The count is that of the exact fused form in ``METHODS.md``, matmuls only
+    (elementwise work, softmaxes and normalisations are a few FLOPs per element
+    of ``O(B·K·D)`` tensors and are left out):
+
+    RAda, with ``B`` images, ``K`` classes, width ``D``:
+
+    - projections: rational query, key, value ``3 · 2BKD²``; image query
+      ``2BD²``; text query ``2KD²``; output ``2BKD²``;
+    - text and rational attention (two query kinds, each ``K × K`` per head
+      and image): scores ``2BK²D`` and values ``2BK²D`` per kind, ``8BK²D``;
+    - image attention (one row per head and image): ``4BKD``;
+    - logits ``Σ_d M f̂ ĥ``: ``2BKD``;
+    - ``rada+adapter``: two residual adapters ``D → D/4 → D`` on ``B + K`` vectors.
+
+    Backward: each attention matmul costs twice its forward (``dQ, dK`` from
+    the scores, ``dP, dV`` from the values); each projection costs its weight
+    gradient plus, where its input needs a gradient, the input gradient. The
+    blocks recomputed in backward (flash-style) are not counted: they are work
+    the fused form chooses to redo, not work the step needs.
+
+    MMA (bottleneck ``n = D/4``): down-projection of ``B + K`` vectors, packed
+    in-projection ``n → 3n`` of both, cross-attention of ``B`` queries over
+    ``K`` keys (``4BKn``), output and up projections of the two per-image
+    vectors, and two ``(B, K)`` logit matmuls (``4BKD``).
+
+    Returns:
+        ``{"forward": ..., "backward": ..., "total": ...}``.
+    """
+    b, k, d = batch, classes, dim
+    fwd = bwd = 0
+
+    def add(pair: tuple[int, int]) -> None:
+        nonlocal fwd, bwd
+        fwd, bwd = fwd + pair[0], bwd + pair[1]
+
+    if method in ("rada", "rada+adapter"):
+        adapted = method == "rada+adapter"  # features carry gradients into the adapters
+        if adapted:
+            r = d // 4
+            add(_linear_flops(b + k, d, r, input_grad=False))
+            add(_linear_flops(b + k, r, d, input_grad=True))
+        add(_linear_flops(b * k, d, 3 * d, input_grad=adapted))  # rational query, key, value
+        add(_linear_flops(b, d, d, input_grad=adapted))  # image query
+        add(_linear_flops(k, d, d, input_grad=adapted))  # text query
+        attention = 2 * (2 * b * k * k * d + 2 * b * k * k * d)  # text + rational kinds
+        attention += 2 * b * k * d + 2 * b * k * d  # image query: one row per head
+        add((attention, 2 * attention))
+        add(_linear_flops(b * k, d, d, input_grad=True))  # output projection
+        add((2 * b * k * d, 2 * 2 * b * k * d))  # logits
+    elif method == "mma":
+        n = d // 4
+        add(_linear_flops(b + k, d, n, input_grad=False))  # down
+        add(_linear_flops(b + k, n, 3 * n, input_grad=True))  # packed in-projection
+        attention = 2 * b * k * n + 2 * b * k * n
+        add((attention, 2 * attention))
+        add(_linear_flops(2 * b, n, n, input_grad=True))  # output projection
+        add(_linear_flops(2 * b, n, d, input_grad=True))  # up
+        add((2 * 2 * b * k * d, 2 * 2 * 2 * b * k * d))  # cos(t, h), cos(f', h)
+    else:
+        raise ValueError(f"no FLOP count for method {method!r}")
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 7) -> float:
+    """Median fp32 throughput of a ``size³`` matmul: the machine's practical peak."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 2:  # two warm-ups
+            times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+# ----------------------------------------------------------------------------
+# One point, in its own process
+# ----------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status(field: str) -> int | None:
+    """A ``/proc/self/status`` field in bytes (Linux), or None."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (``VmHWM``); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Memory:
+    """Peak memory growth over a block: CUDA allocator peak, or resident-set peak on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.hwm_reset = _reset_peak_rss()
+            self.base = _proc_status("VmRSS")
+            if not self.hwm_reset or self.base is None:
+                import resource
+
+                self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        peak = _proc_status("VmHWM") if self.hwm_reset else None
+        if peak is None:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return (peak - self.base) / 2**20
+
+
+def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Every parameter uniform in ``±1/√fan_in``, zero-initialised ones included.
+
+    RAda's output map and the adapters' up maps start at zero, which would make
+    the mask exactly 1 and the comparison empty; random weights exercise every path.
+    """
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            fan_in = p.shape[-1] if p.dim() > 1 else p.shape[0]
+            bound = 1.0 / math.sqrt(fan_in)
+            p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+
+
+def build(method: str, dim: int, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The fused module and the released one, with identical random weights (CPU, fp32)."""
+    generator = torch.Generator().manual_seed(seed)
+    if method == "mma":
+        fused = MultiModalAdapter(dim=dim)
+        released = ReleasedMMA(dim)
+    elif method in ("rada", "rada+adapter"):
+        adapters = method == "rada+adapter"
+        fused = RationalMask(dim=dim, adapter_reduction=4 if adapters else None)
+        released = ReleasedRAda(dim, adapters=adapters)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    _randomise(fused, generator)
+    released.load_state_dict(to_official(method, fused), strict=True)
+    return fused, released
+
+
+def inputs(batch: int, classes: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw features with a shared offset, so that cosines are positive as CLIP's are (~0.2), and labels."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    offset = torch.randn(dim, generator=generator)
+    image = 3 * (torch.randn(batch, dim, generator=generator) + offset)
+    text = 2 * (torch.randn(classes, dim, generator=generator) + offset)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    return image, text, labels
+
+
+def _logits(model: torch.nn.Module, image, text, scale) -> torch.Tensor:
+    out = model(image, text, scale)
+    return out[0] if isinstance(out, tuple) else out  # the released RAda also returns its mask
+
+
+def _official_grads(method: str, fused: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The fused module's gradients under the released parameter names."""
+    holder = copy.deepcopy(fused)  # deepcopy leaves .grad behind: copy the gradients in as values
+    params = dict(fused.named_parameters())
+    with torch.no_grad():
+        for name, p in holder.named_parameters():
+            grad = params[name].grad
+            p.copy_(grad if grad is not None else torch.zeros_like(p))
+    return {k: v.float().cpu() for k, v in to_official(method, holder).items()}
+
+
+def released_outputs(
+    method: str, released: torch.nn.Module, image, text, labels, scale, micro_batch: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and gradients of the released form in fp32, ``micro_batch`` images at a time.
+
+    Images never interact and the loss is a batch mean, so weighting each
+    micro-batch's mean loss by its share of the batch gives the full-batch gradient.
+    """
+    released.zero_grad(set_to_none=True)
+    logits = []
+    for start in range(0, image.shape[0], micro_batch):
+        part = slice(start, start + micro_batch)
+        out = _logits(released, image[part], text, scale)
+        share = out.shape[0] / image.shape[0]
+        (F.cross_entropy(out, labels[part]) * share).backward()
+        logits.append(out.detach().float().cpu())
+    grads = {
+        k: (p.grad if p.grad is not None else torch.zeros_like(p)).float().cpu()
+        for k, p in released.named_parameters()
+    }
+    return torch.cat(logits), grads
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),) if t is not None)
+    if oom_types and isinstance(error, oom_types):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
+
+
+def run_point(spec: dict) -> dict:
+    """Measure one (method, impl, sizes, dtype) point in this process; returns its record.
+
+    ``spec["mode"]``: ``"memory"``: the peak memory of one training step;
+    ``"time"``: warm-up, timed steps and the errors against the released form;
+    ``"both"``: all of it (CUDA, where the allocator's own peak is exact).
+    """
+    device = torch.device(spec["device"])
+    method, impl, mode = spec["method"], spec["impl"], spec["mode"]
+    b, k, d = spec["batch"], spec["classes"], spec["dim"]
+    record = _base_record(spec)
+    torch.manual_seed(spec["seed"])
+    fused, released = build(method, d, spec["seed"])
+    model = (released if impl == "released" else fused).to(device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if spec["dtype"] == "bf16-autocast"
+        else contextlib.nullcontext()
+    )
+    scale = torch.tensor(LOGIT_SCALE, device=device)
+    outputs = {}
+
+    def step(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            logits = _logits(model, image, text, scale)
+        F.cross_entropy(logits.float(), labels).backward()
+        outputs["logits"] = logits.detach()
+
+    # A tiny step first: thread pools and BLAS set themselves up outside the measurement.
+    step(*(x.to(device) for x in inputs(1, 2, d, spec["seed"])))
+    data = tuple(x.to(device) for x in inputs(b, k, d, spec["seed"]))
+    cpu_times: list[float] = []
+
+    def timed_step() -> float:
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step(*data)
+        _sync(device)
+        cpu_times.append(time.process_time() - cpu_start)
+        return time.perf_counter() - start
+
+    memory = _Memory(device)
+    times: list[float] = []
+    try:
+        memory.start()
+        first = timed_step()
+        if mode == "memory":
+            record["peak_mb"] = round(memory.peak_mb(), 2)
+            return record
+        if first < spec["slow_s"]:  # a slow point's first step is warm-up enough
+            for _ in range(spec["warmup"]):
+                timed_step()
+        while len(times) < spec["repeats"] and (
+            len(times) < spec["repeats_min"] or sum(times) < spec["budget_s"]
+        ):
+            times.append(timed_step())
+        record["peak_mb" if mode == "both" else "peak_mb_default_malloc"] = round(memory.peak_mb(), 2)
+    except Exception as error:  # noqa: BLE001 - an OOM becomes a record; anything else is re-raised
+        if not _is_oom(error):
+            raise
+        record.update(oom=True, error=f"{type(error).__name__}: {str(error)[:200]}")
+        return record
+    record["ms_median"] = round(1e3 * statistics.median(times), 3)
+    record["ms_all"] = [round(1e3 * t, 3) for t in times]
+    # CPU time of all threads over the same steps: steadier than wall time on a shared machine
+    record["cpu_ms_median"] = round(1e3 * statistics.median(cpu_times[-len(times) :]), 3)
+    record["load_average"] = round(os.getloadavg()[0], 2)  # 1-minute load: other work skews timings
+
+    # Errors against the released formulation in fp32 (saved by its own point when it ran).
+    logits = outputs["logits"].float().cpu()
+    grads = (
+        _official_grads(method, model)
+        if impl == "fused"
+        else {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+    )
+    ref_path = Path(spec["ref_path"])
+    if impl == "released" and spec["dtype"] == "fp32":
+        torch.save({"logits": logits, "grads": grads}, ref_path)
+    if ref_path.exists():
+        ref = torch.load(ref_path, weights_only=True)
+        ref_logits, ref_grads = ref["logits"], ref["grads"]
+    else:  # the released form did not fit at full batch: rebuild its outputs in micro-batches
+        del model
+        released = released.to(device)
+        micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 4)))  # ~20 (8, K, K) maps per image
+        ref_logits, ref_grads = released_outputs(method, released, *data, scale, micro)
+        record["reference_micro_batch"] = micro
+    record["max_abs_err_logits"] = float((logits - ref_logits).abs().max())
+    record["max_rel_err_grads"] = max(
+        float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in ref_grads.items()
+    )
+    return record
+
+
+# ----------------------------------------------------------------------------
+# The run: points, machine throughput, outputs
+# ----------------------------------------------------------------------------
+
+
+def _limit_memory(limit_bytes: int | None) -> None:
+    """Cap this process's address space so that the released form fails with an error, not the OOM killer."""
+    if not limit_bytes:
+        return
+    try:
+        import resource
+
+        size = _proc_status("VmSize") or 0
+        resource.setrlimit(resource.RLIMIT_AS, (size + limit_bytes, size + limit_bytes))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# glibc's malloc keeps freed blocks under its (adaptive, up to 32 MB) mmap threshold
+# resident for reuse, so a process's RSS overstates what its tensors need by
+# however fragmented its heap got. A fixed 1 MiB threshold maps every large block
+# on its own and returns it on free: the RSS of the memory process then tracks
+# live memory, like CUDA's max_memory_allocated. Timing runs with the default.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def _subprocess(spec: dict, timeout: float, env: dict | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--point", json.dumps(spec)]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+        )
+    except subprocess.TimeoutExpired:
+        return {**_base_record(spec), "error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    killed = done.returncode in (-9, 137)  # the kernel's OOM killer
+    tail = done.stderr.strip().splitlines()[-3:]
+    if not killed and not any("memory" in line.lower() for line in tail):
+        raise RuntimeError(f"point {spec} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return {**_base_record(spec), "oom": True, "error": " | ".join(tail)[-300:] or "killed"}
+
+
+def measure(spec: dict, timeout: float) -> dict:
+    """One point: on CPU a memory process (one step) then a timing process; on CUDA one process."""
+    if spec["device"] == "cuda":
+        return _subprocess({**spec, "mode": "both"}, timeout)
+    memory = _subprocess({**spec, "mode": "memory"}, timeout, env=MEMORY_ENV)
+    if memory.get("oom"):
+        return memory
+    record = _subprocess({**spec, "mode": "time"}, timeout)
+    record["peak_mb"] = memory["peak_mb"]
+    return record
+
+
+def _base_record(spec: dict) -> dict:
+    record = {key: spec[key] for key in ("method", "impl", "batch", "classes", "dim", "device", "dtype")}
+    record.update(
+        ms_median=None, ms_all=[], peak_mb=None, max_abs_err_logits=None, max_rel_err_grads=None, oom=False
+    )
+    return record
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """All points of the run, the released one first at each size (it writes the reference)."""
+    dtypes = ["fp32"] + (["bf16-autocast"] if args.device == "cuda" and not args.fp32_only else [])
+    methods = args.methods.split(",")
+    for method in methods:
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}; choose from {','.join(METHODS)}")
+    classes = args.classes or ((1000,) if args.quick else CLASSES)
+    points = []
+    for method in methods:
+        for batch in args.batch or BATCHES[method]:
+            for k in classes:
+                for dtype in dtypes:
+                    for impl in args.impls.split(","):
+                        points.append(
+                            dict(
+                                method=method,
+                                impl=impl,
+                                batch=batch,
+                                classes=k,
+                                dim=args.dim,
+                                device=args.device,
+                                dtype=dtype,
+                            )
+                        )
+    return points
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per (method, batch, classes, dtype): released and fused side by side."""
+    rows = {}
+    for r in records:
+        key = (r["method"], r["batch"], r["classes"], r["dtype"])
+        rows.setdefault(key, {})[r["impl"]] = r
+    out = []
+    for (method, batch, classes, dtype), pair in rows.items():
+        rel, fus = pair.get("released", {}), pair.get("fused", {})
+        out.append(
+            dict(
+                method=method,
+                batch=batch,
+                classes=classes,
+                dtype=dtype,
+                released_ms=rel.get("ms_median"),
+                fused_ms=fus.get("ms_median"),
+                released_mb=rel.get("peak_mb"),
+                fused_mb=fus.get("peak_mb"),
+                released_mb_default=rel.get("peak_mb_default_malloc"),
+                fused_mb_default=fus.get("peak_mb_default_malloc"),
+                released_oom=rel.get("oom", False),
+                speedup=_ratio(rel.get("ms_median"), fus.get("ms_median")),
+                memory_ratio=_ratio(rel.get("peak_mb"), fus.get("peak_mb")),
+                err_logits=fus.get("max_abs_err_logits"),
+                err_grads=fus.get("max_rel_err_grads"),
+                achieved_gflops=fus.get("achieved_gflops"),
+                fraction_of_matmul=fus.get("fraction_of_matmul"),
+            )
+        )
+    return out
+
+
+def _fmt(x, spec: str = ".1f") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else ""
+    return format(x, spec)
+
+
+def _paren(x) -> str:
+    return f" ({x:.0f})" if x is not None else ""
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    lines = [
+        f"# Fused kernels vs the released formulation ({meta['device']})",
+        "",
+        f"One training step (forward + cross-entropy + backward), D = {records[0]['dim'] if records else '?'}, "
+        f"median of timed steps. Machine: {meta['machine']}; torch {meta['torch']}, "
+        f"{meta['threads']} threads; large fp32 matmul: **{meta['machine_matmul_gflops']:.0f} GFLOP/s**. "
+        "Peak memory (MB): CUDA, `max_memory_allocated` over the steps minus what inputs and weights "
+        "held; CPU, the resident-set growth of a fresh process over one step, with glibc's mmap "
+        "threshold fixed at 1 MiB so that freed blocks leave the resident set as they would leave "
+        "CUDA's allocated count (in parentheses: the growth over the timing process's steps with "
+        "malloc's defaults, which keeps freed blocks of up to 32 MB resident). Errors: fused vs released, "
+        "max |Δ logits| and the largest relative gradient error over parameters. "
+        "Fused GFLOP/s counts the exact fused form's matmul FLOPs (`fused_flops`, backward "
+        "included, recomputation not counted).",
+        "",
+        "| method | B | K | dtype | released ms | fused ms | speed-up | released MB | fused MB | "
+        "memory ratio | err logits | err grads | fused GFLOP/s | of matmul |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summarise(records):
+        rel_ms = "OOM" if r["released_oom"] else _fmt(r["released_ms"])
+        rel_mb = "OOM" if r["released_oom"] else _fmt(r["released_mb"]) + _paren(r["released_mb_default"])
+        fus_mb = _fmt(r["fused_mb"]) + _paren(r["fused_mb_default"])
+        lines.append(
+            f"| {r['method']} | {r['batch']} | {r['classes']} | {r['dtype']} | {rel_ms} | {_fmt(r['fused_ms'])} | "
+            f"{_fmt(r['speedup'], '.1f')}× | {rel_mb} | {fus_mb} | "
+            f"{_fmt(r['memory_ratio'], '.1f')}× | {_fmt(r['err_logits'], '.1e')} | {_fmt(r['err_grads'], '.1e')} | "
+            f"{_fmt(r['achieved_gflops'], '.1f')} | {_fmt(r['fraction_of_matmul'] and 100 * r['fraction_of_matmul'], '.0f')}% |"
+        )
+    return "\n".join(lines).replace("–×", "–").replace("–%", "–") + "\n"
+
+
+def plot(records: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping the plot", file=sys.stderr)
+        return False
+    groups = sorted(
+        {(r["method"], r["batch"], r["dtype"]) for r in records},
+        key=lambda g: (METHODS.index(g[0]), g[1], g[2]),
+    )
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3 * len(groups)), squeeze=False)
+    for row, (method, batch, dtype) in enumerate(groups):
+        for col, (key, label) in enumerate((("ms_median", "ms per step"), ("peak_mb", "peak MB"))):
+            ax = axes[row][col]
+            for impl, style in (("released", "o--"), ("fused", "s-")):
+                pts = sorted(
+                    (r["classes"], r[key])
+                    for r in records
+                    if (r["method"], r["batch"], r["dtype"], r["impl"]) == (method, batch, dtype, impl)
+                    and r[key]
+                )
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, label=impl)
+                ooms = [
+                    r["classes"]
+                    for r in records
+                    if r.get("oom")
+                    and r["impl"] == impl
+                    and (r["method"], r["batch"], r["dtype"]) == (method, batch, dtype)
+                ]
+                for k in ooms:
+                    ax.axvline(k, color="red", alpha=0.3)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("K (classes)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{method}, B = {batch}, {dtype}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="only the K = 1000 points")
+    parser.add_argument("--json", type=Path, help="write the records here (and .md, .png with the same stem)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--classes", type=int, nargs="+", help="override K (default: 10 32 100 320 1000)")
+    parser.add_argument("--batch", type=int, nargs="+", help="override B (default per method)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10, help="most timed steps per point")
+    parser.add_argument("--min-repeats", type=int, default=3, help="fewest timed steps per point")
+    parser.add_argument("--warmup", type=int, default=1, help="extra warm-up steps after the first")
+    parser.add_argument("--budget", type=float, default=5.0, help="seconds of timed steps per point")
+    parser.add_argument(
+        "--slow", type=float, default=2.0, help="a first step slower than this is the only warm-up"
+    )
+    parser.add_argument("--fp32-only", action="store_true", help="skip bf16 autocast on CUDA")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory-limit-gb", type=float, help="address-space cap per point (CPU; default 3/4 of available)"
+    )
+    parser.add_argument(
+        "--matmul-size", type=int, default=2048, help="side of the square matmul timed for peak FLOP/s"
+    )
+    parser.add_argument("--point-timeout", type=float, default=900.0)
+    parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: run one point, print its record
+    args = parser.parse_args(argv)
+
+    if args.point:
+        spec = json.loads(args.point)
+        if spec["device"] == "cpu":
+            _limit_memory(spec.get("memory_limit"))
+        print(json.dumps(run_point(spec)))
+        return 0
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    repeats_min = min(args.min_repeats, args.repeats)
+    available = _available_bytes()
+    memory_limit = (
+        int(args.memory_limit_gb * 2**30)
+        if args.memory_limit_gb
+        else (int(0.75 * available) if available else None)
+    )
+    points = plan(args)
+    print(f"{len(points)} points on {args.device}", file=sys.stderr)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    peak_before = matmul_gflops(device, args.matmul_size)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="rada_mma_bench_") as tmp:
+        for spec in points:
+            spec.update(
+                seed=args.seed,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                repeats_min=repeats_min,
+                budget_s=args.budget,
+                slow_s=args.slow,
+                memory_limit=memory_limit,
+                ref_bytes=4 * 2**30,
+                ref_path=str(Path(tmp) / f"{spec['method']}_{spec['batch']}_{spec['classes']}.pt"),
+            )
+            started = time.perf_counter()
+            record = measure(spec, args.point_timeout)
+            records.append(record)
+            print(
+                f"{record['method']:>13} {record['impl']:>8} B={record['batch']:<4} K={record['classes']:<5} "
+                f"{record['dtype']:<13} ms={_fmt(record['ms_median'])} MB={_fmt(record['peak_mb'])} "
+                f"err={_fmt(record['max_abs_err_logits'], '.1e')}/{_fmt(record['max_rel_err_grads'], '.1e')}"
+                f"{' OOM' if record.get('oom') else ''} ({time.perf_counter() - started:.0f} s)",
+                file=sys.stderr,
+            )
+    peak_after = matmul_gflops(device, args.matmul_size)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    peak = max(peak_before, peak_after)
+    meta = dict(
+        device=args.device if device.type == "cpu" else torch.cuda.get_device_name(device),
+        machine=_machine(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine_matmul_gflops=peak,
+    )
+    for r in records:
+        r.update(
+            machine_matmul_gflops=round(peak, 1),
+            matmul_gflops_start=round(peak_before, 1),
+            matmul_gflops_end=round(peak_after, 1),
+            machine=meta["machine"],
+            torch=meta["torch"],
+            threads=meta["threads"],
+            run_load_average=[load_before, load_after],
+        )
+        if r["impl"] == "fused" and r.get("ms_median") and r["method"] in ("rada", "rada+adapter", "mma"):
+            flops = fused_flops(r["method"], r["batch"], r["classes"], r["dim"])
+            r["flops"] = flops["total"]
+            achieved = flops["total"] / (r["ms_median"] / 1e3) / 1e9
+            r["achieved_gflops"] = float(f"{achieved:.4g}")
+            r["fraction_of_matmul"] = float(f"{achieved / peak:.4g}")
+
+    text = markdown(records, meta)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+        args.json.with_suffix(".md").write_text(text)
+        plot(
+            records,
+            args.json.with_suffix(".png"),
+            f"rada_mma fused vs released, {meta['device']}, D = {args.dim}",
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
