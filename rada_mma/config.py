@@ -39,7 +39,7 @@ class AdapterConfig:
     alpha: float = 0.0  # weight of the regulariser (0 as released)
     reduction: int = 4  # residual adapters' bottleneck is D / reduction ("rada+adapter")
     # MMA family
-    bottleneck: int = 0  # MMA's down-sampled width d; 0 means D / 4
+    bottleneck: int = 0  # MMA's down-sampled width d; 0 means D / 4 (stored resolved)
     mma_heads: int = 4  # heads of MMA's attention over the bottleneck
     blend: float = 0.2  # λ mixing adapted and original features
     hidden: int = 32  # inner width of the two-layer down/up maps ("mma-master")
@@ -80,6 +80,10 @@ class AdapterConfig:
         if self.method == "rada+adapter":
             _divides(self.reduction, self.dim, "reduction", "the embedding width")
         if self.method in _MMA_FAMILY:
+            if self.bottleneck < 0:
+                raise ValueError(f"bottleneck must be > 0 (or 0 for dim / 4), got {self.bottleneck}")
+            # store the width itself, so that configs of the same model compare equal
+            object.__setattr__(self, "bottleneck", self.bottleneck or self.dim // 4)
             _divides(self.mma_heads, self.mma_width, "mma_heads", "the MMA bottleneck width")
             if not 0.0 <= self.blend <= 1.0:
                 raise ValueError(f"blend (λ) must lie in [0, 1], got {self.blend}")

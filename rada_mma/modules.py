@@ -205,7 +205,8 @@ class RationalMask(_Adapter):
         temperature: τ dividing the attention scores.
         softmax: ``"flat"`` (released: one softmax over a head's whole K×K
             map, times K) or ``"row"`` (textbook).
-        regularizer, alpha: ``alpha · reg(M, 1)`` from :meth:`regularization`.
+        regularizer, alpha: ``alpha · reg(M, 1)`` from :meth:`regularization`;
+            ``regularizer`` defaults to ``"linf"`` (``"mse"`` with adapters), as released.
         adapter_reduction: if set, residual adapters (``D → D/r → D``) adapt
             both features before normalisation: the "rada+adapter" preset.
 
@@ -223,7 +224,7 @@ class RationalMask(_Adapter):
         heads: int = 8,
         temperature: float = 1.0,
         softmax: str = "flat",
-        regularizer: str = "linf",
+        regularizer: str | None = None,
         alpha: float = 0.0,
         adapter_reduction: int | None = None,
         chunk_elements: int = kernels.DEFAULT_CHUNK_ELEMENTS,
@@ -236,7 +237,8 @@ class RationalMask(_Adapter):
             heads=heads,
             temperature=temperature,
             softmax=softmax,
-            regularizer=regularizer,
+            # as the released trainers: L∞ for plain RAda, MSE for RAda+Adapter
+            regularizer=regularizer or ("linf" if adapter_reduction is None else "mse"),
             alpha=alpha,
             reduction=adapter_reduction or 4,
         )
