@@ -27,7 +27,7 @@ from torch import Tensor
 from .config import METHODS
 from .wrapper import AdaptedCLIP
 
-__all__ = ["PRESETS", "FitResult", "TrainConfig", "accuracy", "fit", "preset"]
+__all__ = ["PRESETS", "FitResult", "TrainConfig", "accuracy", "fit", "learning_rate", "preset"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam", "adamw" or "sgd"
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # per-epoch: "cosine" (annealed to 0 over `epochs`) or "constant"
+    schedule: str = "cosine"  # per-epoch "cosine" (Dassl's: a half period of `epochs` epochs) or "constant"
     warmup_epochs: int = 0  # epochs at `warmup_lr` before the schedule starts (Dassl's constant warm-up)
     warmup_lr: float = 1e-5
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0: never
@@ -101,9 +101,10 @@ def preset(method: str, **overrides: Any) -> TrainConfig:
 class FitResult:
     """What :func:`fit` did: per-epoch history and the selected epoch."""
 
+    # one record per epoch: epoch, lr, train_loss (mean over the epoch's images), val_acc (with a val split)
     history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = -1
-    best_val: float = float("nan")
+    best_epoch: int = -1  # the epoch whose weights the model holds (the last one for select="last")
+    best_val: float = float("nan")  # the highest validation accuracy seen (NaN without a val split)
     stopped_early: bool = False
 
 
@@ -136,14 +137,24 @@ def _optimizer(params: list[torch.nn.Parameter], c: TrainConfig) -> torch.optim.
     return cls(params, lr=c.lr, weight_decay=c.weight_decay)
 
 
-def _lr_at(epoch: int, c: TrainConfig) -> float:
-    """Per-epoch learning rate: constant warm-up, then cosine (over the remaining epochs) or constant."""
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (from 0), as Dassl's scheduler gives it to the released trainers.
+
+    The first ``warmup_epochs`` epochs run at ``warmup_lr``; then ``"cosine"``
+    is ``CosineAnnealingLR(T_max=epochs)`` counted from the end of the warm-up
+    (Dassl's default ``WARMUP_RECOUNT``): ``lr · (1 + cos(π·(epoch − warmup)/epochs)) / 2``.
+    So RAda's preset (5 epochs, 1 warm-up) runs at 1e-5, then lr × 1, 0.905, 0.655, 0.345.
+
+    Example:
+        >>> [round(learning_rate(preset("rada", lr=1.0), e), 4) for e in range(1, 5)]
+        [1.0, 0.9045, 0.6545, 0.3455]
+    """
+    c = config
     if epoch < c.warmup_epochs:
         return c.warmup_lr
     if c.schedule == "constant":
         return c.lr
-    span = max(1, c.epochs - c.warmup_epochs)
-    return 0.5 * c.lr * (1 + math.cos(math.pi * (epoch - c.warmup_epochs) / span))
+    return 0.5 * c.lr * (1 + math.cos(math.pi * (epoch - c.warmup_epochs) / c.epochs))
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -171,6 +182,64 @@ def _run_key(model: AdaptedCLIP, train_labels: Tensor, c: TrainConfig, fingerpri
     )
 
 
+def _check_split(name: str, features: Tensor, labels: Tensor, classes: int) -> None:
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise TypeError(f"{name}_labels must be a 1-d integer tensor of class indices")
+    if features.dim() not in (2, 3) or features.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{name}_features must be (N, D) or (N, V, D) with N = len({name}_labels) = {labels.shape[0]}, "
+            f"got {tuple(features.shape)}"
+        )
+    if labels.numel() == 0:
+        raise ValueError(f"the {name} split is empty; give at least one {name} image")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise ValueError(
+            f"{name} labels span [{low}, {high}] but the model has {classes} classes set; call set_classes with "
+            "the training classes first"
+        )
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over ranks in one collective; a parameter no rank has a gradient for keeps ``None``.
+
+    A rank whose share of a batch is empty contributes zeros, so every rank
+    takes part in the same collective however the batch was split.
+    """
+    anchor = params[0]
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=anchor.device)
+    flat = torch.cat([*parts, present])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, has in zip(params, flat[-len(params) :].tolist(), strict=True):
+        chunk = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        p.grad = chunk if has else None
+        offset += p.numel()
+
+
+def _all_reduce_sum(x: Tensor, device: torch.device) -> Tensor:
+    """Sum a CPU tensor over ranks (NCCL reduces only CUDA tensors, gloo any)."""
+    comm = x.to(device) if dist.get_backend() == "nccl" else x
+    dist.all_reduce(comm)
+    return comm.cpu()
+
+
+def _load_checkpoint(path: Path, key: str) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors for a damaged file
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}); delete it to start over"
+        ) from err
+    if not isinstance(ckpt, dict) or ckpt.get("key") != key:
+        raise ValueError(
+            f"{path} belongs to another run (other config, classes or data); "
+            "use another out_dir, or delete the checkpoint to start over"
+        )
+    return ckpt
+
+
 def fit(
     model: AdaptedCLIP,
     train_features: Tensor,
@@ -186,16 +255,24 @@ def fit(
 ) -> FitResult:
     """Train ``model``'s adapter on cached image features for its current classes.
 
+    Each epoch visits the training images in a seeded random order, in batches
+    of ``config.batch_size``; the learning rate follows :func:`learning_rate`.
+    The result depends only on the inputs and ``config`` (``seed`` included):
+    the same call gives the same weights, and so does a run interrupted and
+    resumed from ``out_dir``.
+
     Args:
         model: a wrapped CLIP with its (training) classes set.
         train_features: raw image embeddings ``(N, D)``, or ``(N, V, D)`` with V
             augmented views (each epoch draws one view per image, seeded).
         train_labels: ``(N,)`` class indices into the model's classes.
         config: see :func:`preset`.
-        val_features, val_labels: the validation split, for early stopping and
-            ``select="best_val"``; the test split never enters training.
+        val_features, val_labels: the validation split ``(M, D)``, ``(M,)``, for
+            early stopping and ``select="best_val"``; there is no test argument:
+            the test split never enters training or model selection.
         out_dir: where ``checkpoint.pt`` is written after every epoch
-            (atomically); an interrupted run resumes from it.
+            (atomically, rank 0 only); an interrupted run resumes from it,
+            losing only the epoch it was in.
         resume: continue from a matching checkpoint in ``out_dir``; a checkpoint
             of another configuration or data is an error, never silently used.
         progress: show a progress bar (rank 0 only).
@@ -203,27 +280,23 @@ def fit(
 
     Returns:
         :class:`FitResult`; the model holds the selected weights.
+
+    Example:
+        >>> model.set_classes(text_features=base_text)
+        >>> result = fit(model, train.image, train.labels, config=preset("mma"),
+        ...              val_features=val.image, val_labels=val.labels, out_dir="runs/pets-mma")
     """
     c = config
     rank, world = _world()
-    if train_features.dim() not in (2, 3) or train_features.shape[0] != train_labels.shape[0]:
-        raise ValueError(
-            f"train_features must be (N, D) or (N, V, D) with N = len(train_labels) = {train_labels.shape[0]}, "
-            f"got {tuple(train_features.shape)}"
-        )
-    if train_labels.numel() == 0:
-        raise ValueError("the training split is empty")
+    _check_split("train", train_features, train_labels, model.num_classes)
     if (val_features is None) != (val_labels is None):
         raise ValueError("give both val_features and val_labels, or neither")
+    if val_features is not None:
+        _check_split("val", val_features, val_labels, model.num_classes)
     if (c.patience or c.select == "best_val") and val_features is None:
         raise ValueError(
             f"config uses the validation split (patience={c.patience}, select={c.select!r}) but none was "
             "given; pass val_features/val_labels or set patience=0, select='last'"
-        )
-    if int(train_labels.min()) < 0 or int(train_labels.max()) >= model.num_classes:
-        raise ValueError(
-            f"train labels span [{int(train_labels.min())}, {int(train_labels.max())}] but the model has "
-            f"{model.num_classes} classes set; call set_classes with the training classes first"
         )
     device = next(model.adapter.parameters()).device
     params = model.trainable_parameters()
@@ -238,12 +311,7 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
         ckpt_path = out / CHECKPOINT
         if resume and ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if ckpt.get("key") != key:
-                raise ValueError(
-                    f"{ckpt_path} belongs to another run (other config, classes or data); "
-                    "use another out_dir, or delete the checkpoint to start over"
-                )
+            ckpt = _load_checkpoint(ckpt_path, key)
             model.adapter.load_state_dict(ckpt["adapter"])
             optimizer.load_state_dict(ckpt["optimizer"])
             generator.set_state(ckpt["generator"])
@@ -263,32 +331,32 @@ def fit(
         if result.stopped_early:
             break
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(epoch, c)
+            group["lr"] = learning_rate(c, epoch)
         model.train()
         order = torch.randperm(n, generator=generator)
         views = (
             torch.randint(train_features.shape[1], (n,), generator=generator) if train_features.dim() == 3 else None
         )
-        total, count = 0.0, 0
+        total = torch.zeros(2, dtype=torch.float64)  # summed loss, images
         for start in range(0, n, c.batch_size):
             batch = order[start : start + c.batch_size]
             local = batch[rank::world]  # every rank takes its share of the same global batch
-            feats = train_features[local] if views is None else train_features[local, views[local]]
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = model.logits_from_features(feats.to(device))
-                loss = F.cross_entropy(logits.float(), train_labels[local].to(device)) + model.regularization()
-            # mean over the global batch = sum over ranks of local means weighted by their share
-            (loss * (len(local) / len(batch))).backward()
+            if len(local):
+                feats = train_features[local] if views is None else train_features[local, views[local]]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model.logits_from_features(feats.to(device))
+                    loss = F.cross_entropy(logits.float(), train_labels[local].to(device)) + model.regularization()
+                # mean over the global batch = sum over ranks of local means weighted by their share
+                (loss * (len(local) / len(batch))).backward()
+                total += torch.tensor([float(loss.detach()) * len(local), len(local)], dtype=torch.float64)
             if world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
+                _all_reduce_grads(params)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach()) * len(local)
-            count += len(local)
+        if world > 1:
+            total = _all_reduce_sum(total, device)
         model.eval()
-        record = {"epoch": epoch, "lr": _lr_at(epoch, c), "train_loss": total / max(count, 1)}
+        record = {"epoch": epoch, "lr": learning_rate(c, epoch), "train_loss": float(total[0] / total[1])}
         if val_features is not None:
             record["val_acc"] = accuracy(model, val_features, val_labels)
             if not record["val_acc"] <= result.best_val:  # first epoch, or better (NaN-safe)
