@@ -66,6 +66,7 @@ METHODS = ("rada", "mma", "rada+adapter")
 IMPLS = ("released", "fused")
 CLASSES = (10, 32, 100, 320, 1000)
 BATCHES = {"rada": (8, 32), "rada+adapter": (8, 32), "mma": (32, 256)}
+QUICK_BATCHES = {"rada": (8,), "rada+adapter": (8,), "mma": (256,)}  # the CPU targets
 LOGIT_SCALE = 100.0
 REQUIRED_KEYS = (
     "method",
@@ -330,6 +331,20 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
 
 
+def _errors(logits, grads, ref_logits, ref_grads) -> tuple[float, float]:
+    """Max |Δ logits| and the largest ``‖g − g_ref‖ / ‖g_ref‖`` over parameters."""
+    err_logits = float((logits.double() - ref_logits.double()).abs().max())
+    err_grads = max(
+        float((grads[n].double() - g.double()).norm() / g.double().norm().clamp_min(1e-30))
+        for n, g in ref_grads.items()
+    )
+    return err_logits, err_grads
+
+
+# A float64 released step costs about this many fp32 ones (double-precision matmuls).
+FP64_COST = 2.5
+
+
 def run_point(spec: dict) -> dict:
     """Measure one (method, impl, sizes, dtype) point in this process; returns its record.
 
@@ -380,9 +395,11 @@ def run_point(spec: dict) -> dict:
         if mode == "memory":
             record["peak_mb"] = round(memory.peak_mb(), 2)
             return record
-        if first < spec["slow_s"]:  # a slow point's first step is warm-up enough
-            for _ in range(spec["warmup"]):
-                timed_step()
+        slow = first >= spec["slow_s"]
+        if slow:  # after the tiny step, a slow point's first step is warm: it counts
+            times.append(first)
+        for _ in range(0 if slow else spec["warmup"]):
+            timed_step()
         while len(times) < spec["repeats"] and (
             len(times) < spec["repeats_min"] or sum(times) < spec["budget_s"]
         ):
@@ -399,7 +416,9 @@ def run_point(spec: dict) -> dict:
     record["cpu_ms_median"] = round(1e3 * statistics.median(cpu_times[-len(times) :]), 3)
     record["load_average"] = round(os.getloadavg()[0], 2)  # 1-minute load: other work skews timings
 
-    # Errors against the released formulation in fp32 (saved by its own point when it ran).
+    # Errors against the released formulation in fp32, saved by its own point when it
+    # ran, and against the released formulation in float64 where that is affordable:
+    # fp32 itself is not exact, and the float64 errors say which side is off.
     logits = outputs["logits"].float().cpu()
     grads = (
         _official_grads(method, model)
@@ -408,20 +427,34 @@ def run_point(spec: dict) -> dict:
     )
     ref_path = Path(spec["ref_path"])
     if impl == "released" and spec["dtype"] == "fp32":
-        torch.save({"logits": logits, "grads": grads}, ref_path)
+        ref = {"logits": logits, "grads": grads}
+        if record["ms_median"] * FP64_COST < 1e3 * spec["fp64_budget_s"]:
+            exact = copy.deepcopy(released).double()
+            micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 8)))  # ~20 (8, K, K) maps per image
+            ref["logits64"], ref["grads64"] = released_outputs(
+                method,
+                exact,
+                *(x.double() if x.is_floating_point() else x for x in data),
+                scale.double(),
+                micro,
+            )
+        torch.save(ref, ref_path)
     if ref_path.exists():
         ref = torch.load(ref_path, weights_only=True)
-        ref_logits, ref_grads = ref["logits"], ref["grads"]
     else:  # the released form did not fit at full batch: rebuild its outputs in micro-batches
         del model
         released = released.to(device)
         micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 4)))  # ~20 (8, K, K) maps per image
-        ref_logits, ref_grads = released_outputs(method, released, *data, scale, micro)
+        ref = dict(
+            zip(("logits", "grads"), released_outputs(method, released, *data, scale, micro), strict=True)
+        )
         record["reference_micro_batch"] = micro
-    record["max_abs_err_logits"] = float((logits - ref_logits).abs().max())
-    record["max_rel_err_grads"] = max(
-        float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in ref_grads.items()
+    record["max_abs_err_logits"], record["max_rel_err_grads"] = _errors(
+        logits, grads, ref["logits"], ref["grads"]
     )
+    if "logits64" in ref:
+        errors = _errors(logits, grads, ref["logits64"], ref["grads64"])
+        record["max_abs_err_logits_fp64"], record["max_rel_err_grads_fp64"] = errors
     return record
 
 
@@ -510,7 +543,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
     classes = args.classes or ((1000,) if args.quick else CLASSES)
     points = []
     for method in methods:
-        for batch in args.batch or BATCHES[method]:
+        for batch in args.batch or (QUICK_BATCHES[method] if args.quick else BATCHES[method]):
             for k in classes:
                 for dtype in dtypes:
                     for impl in args.impls.split(","):
@@ -558,6 +591,8 @@ def summarise(records: list[dict]) -> list[dict]:
                 memory_ratio=_ratio(rel.get("peak_mb"), fus.get("peak_mb")),
                 err_logits=fus.get("max_abs_err_logits"),
                 err_grads=fus.get("max_rel_err_grads"),
+                released_err64=rel.get("max_rel_err_grads_fp64"),
+                fused_err64=fus.get("max_rel_err_grads_fp64"),
                 achieved_gflops=fus.get("achieved_gflops"),
                 fraction_of_matmul=fus.get("fraction_of_matmul"),
             )
@@ -589,13 +624,15 @@ def markdown(records: list[dict], meta: dict) -> str:
         "threshold fixed at 1 MiB so that freed blocks leave the resident set as they would leave "
         "CUDA's allocated count (in parentheses: the growth over the timing process's steps with "
         "malloc's defaults, which keeps freed blocks of up to 32 MB resident). Errors: fused vs released, "
-        "max |Δ logits| and the largest relative gradient error over parameters. "
+        "max |Δ logits| and the largest relative gradient error over parameters; where affordable, "
+        "both implementations' gradient errors against the released form run in float64 "
+        "(fp32 is not exact: the released form's own fp32 gradients are the less accurate ones). "
         "Fused GFLOP/s counts the exact fused form's matmul FLOPs (`fused_flops`, backward "
         "included, recomputation not counted).",
         "",
         "| method | B | K | dtype | released ms | fused ms | speed-up | released MB | fused MB | "
-        "memory ratio | err logits | err grads | fused GFLOP/s | of matmul |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "memory ratio | err logits | err grads | grads vs fp64: released / fused | fused GFLOP/s | of matmul |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summarise(records):
         rel_ms = "OOM" if r["released_oom"] else _fmt(r["released_ms"])
@@ -605,6 +642,7 @@ def markdown(records: list[dict], meta: dict) -> str:
             f"| {r['method']} | {r['batch']} | {r['classes']} | {r['dtype']} | {rel_ms} | {_fmt(r['fused_ms'])} | "
             f"{_fmt(r['speedup'], '.1f')}× | {rel_mb} | {fus_mb} | "
             f"{_fmt(r['memory_ratio'], '.1f')}× | {_fmt(r['err_logits'], '.1e')} | {_fmt(r['err_grads'], '.1e')} | "
+            f"{_fmt(r['released_err64'], '.1e')} / {_fmt(r['fused_err64'], '.1e')} | "
             f"{_fmt(r['achieved_gflops'], '.1f')} | {_fmt(r['fraction_of_matmul'] and 100 * r['fraction_of_matmul'], '.0f')}% |"
         )
     return "\n".join(lines).replace("–×", "–").replace("–%", "–") + "\n"
@@ -677,7 +715,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true", help="only the K = 1000 points")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only K = 1000 at the CPU targets' batch sizes (RAda 8, MMA 256), one timed step where a step is slow",
+    )
     parser.add_argument("--json", type=Path, help="write the records here (and .md, .png with the same stem)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--impls", default=",".join(IMPLS))
@@ -690,6 +732,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=5.0, help="seconds of timed steps per point")
     parser.add_argument(
         "--slow", type=float, default=2.0, help="a first step slower than this is the only warm-up"
+    )
+    parser.add_argument(
+        "--fp64-budget",
+        type=float,
+        default=30.0,
+        help="seconds a float64 released reference may take per size",
     )
     parser.add_argument("--fp32-only", action="store_true", help="skip bf16 autocast on CUDA")
     parser.add_argument("--seed", type=int, default=0)
@@ -713,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    repeats_min = min(args.min_repeats, args.repeats)
+    repeats_min = 1 if args.quick else min(args.min_repeats, args.repeats)
     available = _available_bytes()
     memory_limit = (
         int(args.memory_limit_gb * 2**30)
@@ -733,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=args.repeats,
                 repeats_min=repeats_min,
                 budget_s=args.budget,
+                quick=args.quick,
+                fp64_budget_s=args.fp64_budget,
                 slow_s=args.slow,
                 memory_limit=memory_limit,
                 ref_bytes=4 * 2**30,
