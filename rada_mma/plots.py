@@ -7,14 +7,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
+from .modules import MultiModalAdapter
 from .wrapper import AdaptedCLIP
 
 __all__ = ["plot_adapter", "plot_history"]
@@ -54,6 +57,26 @@ def plot_history(history: Sequence[dict[str, float]], path: str | os.PathLike, *
     return Path(path)
 
 
+def _image_attention(mma: MultiModalAdapter, f: Tensor, h: Tensor) -> Tensor:
+    """The image token's attention weights over the K class tokens, mean over heads: ``(B, K)``.
+
+    Recomputed from the module's parameters (the kernels never return them).
+    Paper variant: a softmax over the K text keys. Earlier ("master") variant:
+    a softmax over the K text keys (+1 cross-modal bias) and the image itself;
+    the weights on the texts are shown, so a row sums to less than 1.
+    """
+    n, heads = mma.config.mma_width, mma.config.mma_heads
+    q_img, k_img, _ = F.linear(mma.down(f), mma.to_qkv.weight, mma.to_qkv.bias).split(n, dim=-1)  # (B, n) each
+    _, k_txt, _ = F.linear(mma.down(h), mma.to_qkv.weight, mma.to_qkv.bias).split(n, dim=-1)  # (K, n)
+    q_img, k_img = q_img.reshape(len(f), heads, -1), k_img.reshape(len(f), heads, -1)  # (B, H, c)
+    k_txt = k_txt.reshape(len(h), heads, -1)  # (K, H, c)
+    scores = torch.einsum("bhc,khc->bhk", q_img, k_txt).float() / math.sqrt(n // heads)  # (B, H, K)
+    if mma.variant == "master":
+        itself = (q_img * k_img).sum(-1, keepdim=True).float() / math.sqrt(n // heads)  # (B, H, 1)
+        return torch.softmax(torch.cat([scores + 1, itself], dim=-1), dim=-1)[..., :-1].mean(1)  # (B, K)
+    return torch.softmax(scores, dim=-1).mean(1)  # (B, K)
+
+
 @torch.no_grad()
 def plot_adapter(
     model: AdaptedCLIP,
@@ -81,13 +104,13 @@ def plot_adapter(
     names = list(classnames) if classnames is not None else [str(i) for i in range(text.shape[0])]
     if adapter.has_mask:
         _, mask = adapter(feats, text, scale, return_mask=True)
-        mean = mask.mean(0).float().cpu()  # (K, D)
+        mean = mask.mean(0).float().cpu().numpy()  # (K, D)
         fig, (ax, bar) = plt.subplots(1, 2, figsize=(10, 0.25 * len(names) + 2), gridspec_kw={"width_ratios": [4, 1]})
         im = ax.imshow(mean, aspect="auto", cmap="coolwarm", vmin=0, vmax=max(2.0, float(mean.max())))
         ax.set_xlabel("embedding dimension")
         ax.set_title("mean mask over images (1 = zero-shot)")
         fig.colorbar(im, ax=ax)
-        bar.barh(range(len(names)), mean.mean(1).numpy())
+        bar.barh(range(len(names)), mean.mean(1))
         bar.axvline(1.0, color="k", lw=0.8)
         bar.set_title("mean per class")
         for a in (ax, bar):
@@ -95,11 +118,10 @@ def plot_adapter(
             a.set_yticklabels(names if a is ax else [], fontsize=7)
         bar.invert_yaxis()
     else:
-        core = getattr(adapter, "mma", adapter)
-        attn = core.image_attention(kernels.normalize(feats), kernels.normalize(text)).mean(1).cpu()  # (B, K)
+        attn = _image_attention(adapter, kernels.normalize(feats), kernels.normalize(text)).cpu()  # (B, K)
         order = attn.argmax(-1).argsort()
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names) + 2), 5))
-        im = ax.imshow(attn[order], aspect="auto", cmap="viridis")
+        im = ax.imshow(attn[order].numpy(), aspect="auto", cmap="viridis")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=90, fontsize=7)
         ax.set_ylabel("image")
