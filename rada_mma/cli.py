@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .config import METHODS
-from .evaluation import harmonic_mean, markdown_table, write_results
+from .evaluation import _atomic_write_text, harmonic_mean, markdown_table, write_results
 from .train import TrainConfig, fit, preset
 
 log = logging.getLogger("rada_mma")
@@ -35,116 +35,219 @@ class UserError(Exception):
 
 # -- model ---------------------------------------------------------------------------------
 
+DEFAULT_MODEL = "ViT-B-16"
 
-def load_clip(name: str, pretrained: str | None, model_config: str | None, device: str):
-    """An open_clip model, its eval preprocessing and tokenizer, without touching the network."""
+
+def _register_config(path: Path, name: str | None) -> str:
+    """Register a local open_clip JSON config; its model name is the file's stem, as open_clip names it."""
+    import open_clip
+
+    if not path.is_file():
+        raise UserError(f"--model-config {path} does not exist; give an open_clip model config (.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--model-config {path} is not valid JSON ({err}); give an open_clip model config") from err
+    needed = ("embed_dim", "vision_cfg", "text_cfg")
+    if path.suffix != ".json" or not isinstance(config, dict) or not all(k in config for k in needed):
+        raise UserError(
+            f"--model-config {path} is not an open_clip model config: it must be a .json file with "
+            f"{', '.join(needed)} (see open_clip's model_configs/ for examples)"
+        )
+    if name and name != path.stem:
+        raise UserError(
+            f"--model-config {path} defines the model {path.stem!r} (open_clip names a config by its file name) "
+            f"but --model is {name!r}; leave out --model, or give --model {path.stem}"
+        )
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """The open_clip model a command uses: --model, else the --model-config file's stem, else ViT-B-16."""
+    if args.model_config:
+        return Path(args.model_config).expanduser().stem
+    return args.model or DEFAULT_MODEL
+
+
+def load_clip(name: str | None, pretrained: str | None, model_config: str | None, device: str):
+    """An open_clip model, its eval preprocessing and tokenizer, without touching the network.
+
+    Args:
+        name: an open_clip model name (``None``: the config's, or ViT-B-16).
+        pretrained: an open_clip pretrained tag, or a local weights file.
+        model_config: a local open_clip JSON config for a custom architecture.
+        device: where the model goes.
+    """
     import open_clip
 
     if model_config:
-        path = Path(model_config)
-        if not path.is_file():
-            raise UserError(f"--model-config {path} does not exist")
-        open_clip.add_model_config(path)
-        name = name or path.stem
+        name = _register_config(Path(model_config).expanduser(), name)
+    name = name or DEFAULT_MODEL
     if name not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if name.lower().replace("/", "-") in m.lower()][:8]
         raise UserError(
             f"open_clip does not know the model {name!r}"
-            + (f"; did you mean one of {close}?" if close else "")
-            + " Pass --model-config CONFIG.json for a custom architecture."
+            + (f"; did you mean one of {close}?" if close else ";")
+            + " pass --model-config CONFIG.json for a custom architecture"
         )
-    if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
-        raise UserError(
-            f"--pretrained {pretrained!r} is neither a local weights file nor a tag open_clip knows for {name} "
-            f"(tags: {open_clip.list_pretrained_tags_by_model(name)})"
-        )
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
-    except RuntimeError as err:
-        raise UserError(f"cannot load weights {pretrained!r} into {name}: {str(err).splitlines()[0]}") from err
-    except Exception as err:  # downloads fail offline: say what to do instead
-        if pretrained and not Path(pretrained).is_file():
+    local = bool(pretrained) and Path(pretrained).expanduser().is_file()
+    if pretrained and not local:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            if any(sep in pretrained for sep in "/\\") or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+                raise UserError(f"--pretrained {pretrained}: no such weights file")
             raise UserError(
-                f"could not fetch the {pretrained!r} weights for {name} ({type(err).__name__}); without network, "
-                "pass --pretrained /path/to/weights (a .pt/.bin/.safetensors file)"
+                f"--pretrained {pretrained!r} is neither a local weights file nor a tag open_clip knows for {name} "
+                f"(tags: {tags})"
+            )
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but no CUDA device is available; use --device cpu")
+    weights = str(Path(pretrained).expanduser()) if local else pretrained or None
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+    except Exception as err:
+        first = _first_detail(err)
+        if local:  # a shape mismatch, a failed size assertion, or not a weights file at all
+            raise UserError(
+                f"the weights in {pretrained} do not fit the model {name}, or are not a weights file "
+                f"({type(err).__name__}: {first}); give the --model / --model-config they were trained with, "
+                "or weights of this architecture"
+            ) from err
+        if pretrained:  # downloads fail offline: say what to do instead
+            raise UserError(
+                f"could not fetch the {pretrained!r} weights for {name} ({type(err).__name__}: {first}); without "
+                "network, pass --pretrained /path/to/weights (a .pt/.bin/.safetensors file)"
             ) from err
         raise
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
+def _first_detail(err: Exception, limit: int = 200) -> str:
+    """The first informative line of an error (torch's state-dict errors open with a bare header)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if not line.endswith(":")), lines[0] if lines else "")
+    return detail[:limit] + ("..." if len(detail) > limit else "")
+
+
 # -- one run -------------------------------------------------------------------------------
 
+TRAIN_OPTIONS = ("epochs", "lr", "batch_size", "weight_decay", "patience", "warmup_epochs", "schedule", "select", "optimizer")
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    overrides = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs,
-            "lr": args.lr,
-            "batch_size": args.batch_size,
-            "weight_decay": args.weight_decay,
-            "patience": args.patience,
-            "seed": args.seed,
-        }.items()
-        if v is not None
-    }
-    return preset(args.method, **overrides)
+
+def _train_config(args: argparse.Namespace, method: str) -> TrainConfig:
+    overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k, None) is not None}
+    return preset(method, seed=args.seed, **overrides)
 
 
 def _adapter_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {}
     for item in args.option or []:
-        key, _, value = item.partition("=")
-        if not _:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
             raise UserError(f"--option takes KEY=VALUE, got {item!r}")
-        options[key] = json.loads(value) if value[:1] in "0123456789-.[{tf" and value not in ("", "-") else value
+        try:
+            options[key] = json.loads(value)  # numbers, true/false, lists
+        except json.JSONDecodeError:
+            options[key] = value  # a word such as softmax=row
     return options
 
 
+def _device(args: argparse.Namespace) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_splits(args: argparse.Namespace):
+    from . import data
+
+    return data.load_data(Path(args.data).expanduser(), split_file=args.split_file, name=args.dataset)
+
+
+class _Cache:
+    """The feature caches of one dataset, under names that every command shares.
+
+    ``extract`` writes what ``fit``, ``eval`` and ``bench`` read: the test split
+    and the class texts of all classes once, the few-shot training and
+    validation images of the base classes per (shots, seed). Every file is
+    fingerprinted, so one made by another model or from other data is rebuilt.
+    """
+
+    def __init__(self, args: argparse.Namespace, model, preprocess, tokenizer, folder: Path):
+        self.args, self.model, self.preprocess, self.tokenizer = args, model, preprocess, tokenizer
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def images(self, splits, part: str, tag: str, views: int = 0):
+        from . import cache
+
+        return cache.extract_image_features(
+            self.model, splits, getattr(splits, part), self.preprocess, views=views,
+            batch_size=self.args.extract_batch_size, device=_device(self.args),
+            cache_path=self.folder / f"{tag}-{part}-v{views}.safetensors", progress=_rank() == 0,
+        )
+
+    def texts(self, splits):
+        from . import cache, templates
+
+        prompts = templates.templates_for(splits.name, self.args.template)
+        return cache.encode_class_texts(
+            self.model, splits.classnames, prompts, tokenizer=self.tokenizer,
+            cache_path=self.folder / "all-classes.safetensors",
+        )
+
+    def few_shot_tag(self) -> str:
+        return f"base-{self.args.shots}shot-seed{self.args.seed}-{self.args.rounding}"
+
+
+def _cache_dir(args: argparse.Namespace, out: Path) -> Path:
+    return Path(args.cache_dir).expanduser() if args.cache_dir else out / "cache"
+
+
 def run_fit(args: argparse.Namespace, *, train: bool = True) -> list[dict[str, Any]]:
-    """Few-shot base-to-new: features once, train on base, evaluate base and new; rows for results.json."""
-    from . import cache, data, templates
+    """Few-shot base-to-new: features once, train on base, evaluate base, new and all; rows for results.json.
+
+    Rows: zero-shot CLIP and the adapter, each with ``base``, ``new`` (the new
+    classes alone), ``hm`` and ``all`` (every test image among all classes).
+    """
+    from . import data
     from .plots import plot_adapter, plot_history
     from .train import accuracy
     from .wrapper import wrap
 
     out = Path(args.out)
     rank = _rank()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    splits = data.load_data(Path(args.data).expanduser(), split_file=args.split_file, name=args.dataset)
+    splits = _load_splits(args)
     dataset = splits.name
     fewshot = data.few_shot(splits, args.shots, args.seed, save_dir=out / "split")
+    everything = data.subsample_classes(fewshot, "all")
     base = data.subsample_classes(fewshot, "base", rounding=args.rounding)
-    new = data.subsample_classes(fewshot, "new", rounding=args.rounding)
-    prompts = templates.templates_for(dataset, args.template)
+    cut = base.num_classes  # base classes are labels [0, cut), new ones [cut, C)
+    config = _train_config(args, args.method) if train else None
+    adapter = None if train else Path(args.adapter) if args.adapter else out / "adapter.safetensors"
+    if adapter is not None and not adapter.is_file():
+        raise UserError(f"no adapter at {adapter}; run `rada-mma fit --out {out}` first, or give --adapter FILE")
+    name = model_name(args)
 
-    clip, preprocess, tokenizer = load_clip(args.model, args.pretrained, args.model_config, device)
+    clip, preprocess, tokenizer = load_clip(args.model, args.pretrained, args.model_config, _device(args))
     model = wrap(clip, method=args.method, generator=torch.Generator().manual_seed(args.seed), **_adapter_options(args))
-    model.adapter.to(device)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-
-    def features(split: data.Splits, part: str, tag: str, views: int = 0):
-        items = getattr(split, part)
-        return cache.extract_image_features(
-            model, split, items, preprocess, views=views, batch_size=args.extract_batch_size,
-            device=device, cache_path=cache_dir / f"{tag}-{part}-v{views}.safetensors", progress=rank == 0,
+    model.adapter.to(_device(args))
+    caches = _Cache(args, model, preprocess, tokenizer, _cache_dir(args, out))
+    text = caches.texts(everything)  # (C, T, D)
+    test = caches.images(everything, "test", "all")
+    is_base = test.labels < cut
+    base_test = (test.image[is_base], test.labels[is_base])
+    new_test = (test.image[~is_base], test.labels[~is_base] - cut)
+    if not len(base_test[1]) or not len(new_test[1]):
+        raise UserError(
+            f"{dataset}'s test split has no images of the {'base' if not len(base_test[1]) else 'new'} classes; "
+            "base-to-new needs test images of every class"
         )
 
-    base_text = cache.encode_class_texts(
-        model, base.classnames, prompts, tokenizer=tokenizer, cache_path=cache_dir / "base-classes.safetensors"
-    )
-    new_text = cache.encode_class_texts(
-        model, new.classnames, prompts, tokenizer=tokenizer, cache_path=cache_dir / "new-classes.safetensors"
-    )
-    base_test, new_test = features(base, "test", "base"), features(new, "test", "new")
-
-    model.set_classes(text_features=base_text)
+    model.set_classes(text_features=text[:cut])
     result = None
     if train:
-        train_feats = features(base, "train", "base", views=args.views)
-        val_feats = features(base, "val", "base") if base.val else None
-        config = _train_config(args)
+        train_feats = caches.images(base, "train", caches.few_shot_tag(), views=args.views)
+        val_feats = caches.images(base, "val", caches.few_shot_tag()) if base.val else None
         result = fit(
             model, train_feats.image, train_feats.labels, config=config,
             val_features=None if val_feats is None else val_feats.image,
@@ -152,25 +255,27 @@ def run_fit(args: argparse.Namespace, *, train: bool = True) -> list[dict[str, A
             out_dir=out, progress=rank == 0, data_fingerprint=train_feats.fingerprint,
         )
     else:
-        model.load_adapter(args.adapter or out / "adapter.safetensors")
+        model.load_adapter(adapter)
 
     rows = []
-    common = {"dataset": dataset, "seed": args.seed, "shots": args.shots, "model": args.model}
+    common = {"dataset": dataset, "seed": args.seed, "shots": args.shots, "model": name}
     for method, enabled in (("zero-shot", False), (args.method, True)):
-        model.set_classes(text_features=base_text)
         with model.disable_adapter() if not enabled else contextlib.nullcontext():
-            b = accuracy(model, base_test.image, base_test.labels)
-            model.set_classes(text_features=new_text)
-            n = accuracy(model, new_test.image, new_test.labels)
-        rows.append({**common, "method": method, "base": b, "new": n, "hm": harmonic_mean(b, n)})
-    model.set_classes(text_features=base_text)
+            model.set_classes(text_features=text[:cut])
+            b = accuracy(model, *base_test)
+            model.set_classes(text_features=text[cut:])
+            n = accuracy(model, *new_test)
+            model.set_classes(text_features=text)
+            a = accuracy(model, test.image, test.labels)
+        rows.append({**common, "method": method, "base": b, "new": n, "hm": harmonic_mean(b, n), "all": a})
+    model.set_classes(text_features=text[:cut])
     if rank == 0:
         if train:
             model.save_adapter(out / "adapter.safetensors", overwrite=True)
-            (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+            _atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
             if result is not None and result.history:
                 _maybe_plot(plot_history, result.history, out / "training.png", title=f"{dataset} {args.method}")
-        _maybe_plot(plot_adapter, model, base_test.image, out / "adapter.png", classnames=base.classnames)
+        _maybe_plot(plot_adapter, model, base_test[0], out / "adapter.png", classnames=base.classnames)
         write_results(rows, out)
     return rows
 
@@ -203,33 +308,30 @@ def _init_distributed() -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from . import cache, data, templates
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out)
-    splits = data.load_data(Path(args.data).expanduser(), split_file=args.split_file, name=args.dataset)
-    if args.shots:
-        splits = data.few_shot(splits, args.shots, args.seed, save_dir=out / "split")
-    clip, preprocess, tokenizer = load_clip(args.model, args.pretrained, args.model_config, device)
+    """The caches ``fit`` reads: all test images and class texts; with --shots, the few-shot base split."""
+    from . import data
     from .wrapper import wrap
 
-    model = wrap(clip, method="rada")  # only the encoders are used
-    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for part in ("train", "val", "test"):
-        items = getattr(splits, part)
-        if items:
-            views = args.views if part == "train" else 0
-            feats = cache.extract_image_features(
-                model, splits, items, preprocess, views=views, batch_size=args.extract_batch_size, device=device,
-                cache_path=cache_dir / f"all-{part}-v{views}.safetensors", progress=_rank() == 0,
-            )
-            log.info("%s: %s features -> %s", part, tuple(feats.image.shape), cache_dir)
-    prompts = templates.templates_for(splits.name, args.template)
-    text = cache.encode_class_texts(
-        model, splits.classnames, prompts, tokenizer=tokenizer, cache_path=cache_dir / "all-classes.safetensors"
-    )
-    log.info("classes: %s text features (K, templates, D) -> %s", tuple(text.shape), cache_dir)
+    out = Path(args.out)
+    splits = _load_splits(args)
+    clip, preprocess, tokenizer = load_clip(args.model, args.pretrained, args.model_config, _device(args))
+    caches = _Cache(args, wrap(clip, method="rada"), preprocess, tokenizer, _cache_dir(args, out))  # encoders only
+    written = [caches.texts(splits)]
+    if splits.test:
+        written.append(caches.images(splits, "test", "all").image)
+    if args.shots:
+        fewshot = data.few_shot(splits, args.shots, args.seed, save_dir=out / "split")
+        base = data.subsample_classes(fewshot, "base", rounding=args.rounding)
+        written.append(caches.images(base, "train", caches.few_shot_tag(), views=args.views).image)
+        if base.val:
+            written.append(caches.images(base, "val", caches.few_shot_tag()).image)
+    else:
+        written.append(caches.images(splits, "train", "all", views=args.views).image)
+        if splits.val:
+            written.append(caches.images(splits, "val", "all").image)
+    if _rank() == 0:
+        shapes = ", ".join(str(tuple(t.shape)) for t in written)
+        print(f"features {shapes} in {caches.folder}")
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
@@ -246,27 +348,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    """Every (dataset, seed, method) as one run folder; zero-shot once per (dataset, seed); one table."""
     rows: list[dict[str, Any]] = []
     out = Path(args.out)
     for data_path in args.data:
+        folder = Path(data_path).expanduser().name
+        cache_dir = Path(args.cache_dir).expanduser() / folder if args.cache_dir else out / folder / "cache"
         for seed in args.seeds:
             for method in args.methods:
                 run = argparse.Namespace(**vars(args))
-                run.data, run.seed, run.method = data_path, seed, method
-                run.out = str(out / Path(data_path).name / f"{method.replace('+', '_')}-seed{seed}")
+                run.data, run.seed, run.method, run.cache_dir = data_path, seed, method, str(cache_dir)
+                run.out = str(out / folder / f"{method.replace('+', '_')}-seed{seed}")
                 for row in run_fit(run):
                     if row["method"] != "zero-shot" or method == args.methods[0]:
                         rows.append(row)
     if _rank() == 0:
         write_results(rows, out)
         print(markdown_table(rows))
+        print(f"results of {len(rows)} runs in {out / 'results.json'} and {out / 'results.md'}")
 
 
 # -- parser --------------------------------------------------------------------------------
 
 
 def _add_common(p: argparse.ArgumentParser, *, data_nargs: str | None = None) -> None:
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
+    p.add_argument("--model", default=None, help="open_clip model name (default: the --model-config's, else ViT-B-16)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
     p.add_argument("--model-config", default=None, help="a local open_clip JSON config for a custom architecture")
     p.add_argument("--data", required=True, nargs=data_nargs, help="dataset folder (ImageFolder or CoOp layout)")
@@ -290,8 +396,12 @@ def _add_training(p: argparse.ArgumentParser, *, many: bool = False) -> None:
         p.add_argument("--method", default="rada", choices=METHODS)
         p.add_argument("--seed", type=int, default=1)
     p.add_argument("--option", action="append", help="adapter option KEY=VALUE, e.g. alpha=0.1 (repeatable)")
-    for name, kind in (("epochs", int), ("lr", float), ("batch-size", int), ("weight-decay", float), ("patience", int)):
+    for name, kind in (("epochs", int), ("lr", float), ("batch-size", int), ("weight-decay", float), ("patience", int),
+                       ("warmup-epochs", int)):
         p.add_argument(f"--{name}", type=kind, default=None, help="override the method's preset")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default=None, help="override the method's preset")
+    p.add_argument("--select", choices=("last", "best_val"), default=None, help="keep the last or the best-val epoch")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None, help="override the method's preset")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,8 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _init_distributed()
     try:
         args.func(args)
-    except (UserError, FileNotFoundError, ValueError, TypeError) as err:
-        print(f"rada-mma {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, OSError, ValueError, TypeError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the error held
+        print(f"rada-mma {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 
