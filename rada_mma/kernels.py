@@ -194,7 +194,7 @@ class _RationalProjection(torch.autograd.Function):
                 dh = s * f.unsqueeze(1) * dr  # (B, K, D)
                 dh = dh.sum(0) if h.dim() == 2 else dh  # (K, D) when shared by all images
             if ctx.needs_input_grad[2]:
-                ds = (dr * rational).sum() / s
+                ds = (dr * f.unsqueeze(1) * h).sum()
         return df, dh, ds, dw, db
 
 
@@ -210,8 +210,8 @@ def _query_attention(
 
     ``softmax="flat"`` rescales row ``q`` of the row-softmax output by
     ``K · exp(lse_q − logsumexp_q lse_q)``. ``padded``: ``q, k, v`` carry the
-    zero column of :class:`_FlashAttentionCPU` (the output keeps it); the
-    portable path is never given one.
+    extra column of :class:`_FlashAttentionCPU` (the output keeps it, zero);
+    the portable path is never given one.
     """
     if softmax == "row":  # no log-sum-exp needed: PyTorch's own fused attention where it has one
         if _use_flash(q):
@@ -296,7 +296,8 @@ def rada_mask(
     q_i = F.linear(s.sqrt() * f, *query_image).unsqueeze(-2)  # (B, 1, D)
     q_t = F.linear(s.sqrt() * h, *query_text)  # (K, D) or (B, K, D)
     # On CPU the text and rational attentions run in the fused flash kernels,
-    # which take one extra zero column per head (see _FlashAttentionCPU).
+    # which take one extra column per head: zero in queries and keys, one in
+    # values (see _FlashAttentionCPU).
     padded = softmax == "flat" and _use_flash(keys)  # static: device and dtype only
 
     def split(x: Tensor, pad: float = 0.0) -> Tensor:  # (..., K, D) -> (..., H, K, c (+ 1)), one contiguous copy
