@@ -50,13 +50,23 @@ FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _up(x: Tensor) -> Tensor:
+    """At least fp32: half precisions go up to fp32, float64 stays float64 (for gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions accumulate in for inputs of ``dtype``: fp32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _no_autocast(x: Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def normalize(x: Tensor) -> Tensor:
     """``x / ‖x‖`` over the last axis, in fp32, exactly as the authors write it."""
-    x = x.float()
+    x = _up(x)
     return x / x.norm(dim=-1, keepdim=True)
 
 
@@ -85,7 +95,7 @@ class _RowAttentionWithLSE(torch.autograd.Function):
         kt = k.transpose(-1, -2)  # (B, H, c, J), a view
         for start in range(0, q.shape[-2], chunk):
             qc = q[..., start : start + chunk, :] * scale  # (B, H, C, c): scale folded into the queries
-            s = (qc @ kt).float()  # (B, H, C, J)
+            s = _up(qc @ kt)  # (B, H, C, J)
             lse = torch.logsumexp(s, dim=-1)  # (B, H, C)
             p = s.sub_(lse.unsqueeze(-1)).exp_()  # (B, H, C, J), in place
             outs.append(p.to(v.dtype) @ v)  # (B, H, C, c)
@@ -101,24 +111,24 @@ class _RowAttentionWithLSE(torch.autograd.Function):
         scale, chunk = ctx.scale, ctx.chunk
         if do is None:
             do = torch.zeros_like(o)
-        delta = (do.float() * o.float()).sum(-1)  # (B, H, K)
+        delta = (_up(do) * _up(o)).sum(-1)  # (B, H, K)
         if dlse is not None:
-            delta = delta - dlse.float()
+            delta = delta - _up(dlse)
         kt, vt = k.transpose(-1, -2), v.transpose(-1, -2)  # views
         dq_parts = []
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dk = torch.zeros(k.shape, dtype=_acc(k.dtype), device=k.device)
+        dv = torch.zeros(v.shape, dtype=_acc(v.dtype), device=v.device)
         for start in range(0, q.shape[-2], chunk):
             rows = slice(start, start + chunk)
             qc, doc = q[..., rows, :] * scale, do[..., rows, :]  # (B, H, C, c)
-            s = (qc @ kt).float()  # (B, H, C, J)
+            s = _up(qc @ kt)  # (B, H, C, J)
             p = s.sub_(lse[..., rows].unsqueeze(-1)).exp_()  # (B, H, C, J), in place
-            ds = (doc @ vt).float()  # dP: (B, H, C, J)
+            ds = _up(doc @ vt)  # dP: (B, H, C, J)
             ds = ds.sub_(delta[..., rows].unsqueeze(-1)).mul_(p)  # dS = P ⊙ (dP − delta), in place
-            dv += (p.transpose(-1, -2) @ doc.float()).float()  # (B, H, J, c)
+            dv += _up(p.transpose(-1, -2) @ _up(doc))  # (B, H, J, c)
             ds_low = ds.to(q.dtype)
-            dq_parts.append((ds_low @ k).float() * scale)  # (B, H, C, c)
-            dk += (ds_low.transpose(-1, -2) @ qc).float()  # (B, H, J, c): qc carries the scale
+            dq_parts.append(_up(ds_low @ k) * scale)  # (B, H, C, c)
+            dk += _up(ds_low.transpose(-1, -2) @ qc)  # (B, H, J, c): qc carries the scale
         dq = torch.cat(dq_parts, dim=-2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
@@ -184,10 +194,10 @@ class _RationalProjection(torch.autograd.Function):
         rational = (s * f).unsqueeze(1) * h  # (B, K, D), recomputed
         rows = dy.flatten(0, -2)  # (B·K, E)
         dw = (rows.T @ rational.flatten(0, -2).to(dy.dtype)).to(weight.dtype)  # (E, D)
-        db = rows.sum(0, dtype=torch.float32).to(weight.dtype) if ctx.has_bias else None  # (E,)
+        db = rows.sum(0, dtype=_acc(rows.dtype)).to(weight.dtype) if ctx.has_bias else None  # (E,)
         df = dh = ds = None
         if any(ctx.needs_input_grad[:3]):
-            dr = (dy @ weight.to(dy.dtype)).float()  # (B, K, D): gradient of the rational matrix
+            dr = _up(dy @ weight.to(dy.dtype))  # (B, K, D): gradient of the rational matrix
             if ctx.needs_input_grad[0]:
                 df = s * (dr * h).sum(-2)  # (B, D)
             if ctx.needs_input_grad[1]:
@@ -289,7 +299,7 @@ def rada_mask(
     b, d = f.shape
     k = h.shape[-2]
     c = d // heads
-    s = scale.to(torch.float32)
+    s = scale.to(_acc(f.dtype))
     # The rational matrix s·R[b, k] = s·f̂_b ⊙ ĥ_k is the projections' input:
     # O(B·K·D), recomputed in backward rather than kept.
     q_r, keys, values = _RationalProjection.apply(f, h, s, *qkv_rational).chunk(3, dim=-1)  # 3 × (B, K, D)
@@ -313,14 +323,14 @@ def rada_mask(
 
     # Image queries: all K rows of the map are equal, so the flat softmax
     # times K is a plain softmax over one (1, K) row per head and image.
-    scores_i = (q_i @ keys.transpose(-1, -2)).float() * attn_scale  # (B, H, 1, K)
+    scores_i = _up(q_i @ keys.transpose(-1, -2)) * attn_scale  # (B, H, 1, K)
     o_i = torch.softmax(scores_i, dim=-1).to(values.dtype) @ values  # (B, H, 1, c')
     options = dict(scale=attn_scale, softmax=softmax, chunk=chunk, padded=padded)
     o_t = _query_attention(q_t, keys, values, **options)  # (B, H, K, c')
     o_r = _query_attention(q_r, keys, values, **options)  # (B, H, K, c')
     mixed = (o_t + o_r).add_(o_i).div_(3)  # (B, H, K, c'): A = (A_i V + A_t V + A_r V) / 3
     mixed = rearrange(mixed[..., :c], "b h k c -> b k (h c)")  # (B, K, D)
-    return F.relu_(F.linear(mixed, *out).float().add_(1))  # (B, K, D), in place: the projection output is ours
+    return F.relu_(_up(F.linear(mixed, *out)).add_(1))  # (B, K, D), in place: the projection output is ours
 
 
 def rada_logits(mask: Tensor, f: Tensor, h: Tensor, scale: Tensor) -> Tensor:
@@ -332,8 +342,8 @@ def rada_logits(mask: Tensor, f: Tensor, h: Tensor, scale: Tensor) -> Tensor:
     no ``(B, K, D)`` tensor for it.
     """
     with _no_autocast(f):
-        s = scale.to(torch.float32)
-        return s * (mask.float() * f.float().unsqueeze(1) * h.float()).sum(-1)  # (B, K)
+        s = scale.to(_acc(f.dtype))
+        return s * (_up(mask) * _up(f).unsqueeze(1) * _up(h)).sum(-1)  # (B, K)
 
 
 def regularizer(mask: Tensor, kind: str) -> Tensor:
@@ -342,7 +352,7 @@ def regularizer(mask: Tensor, kind: str) -> Tensor:
     ``"linf"``: per image ``max |M − 1|``, averaged over images (plain RAda);
     ``"mse"``: ``mean (M − 1)²`` (RAda+Adapter); ``"l1"``: ``mean |M − 1|``.
     """
-    diff = mask.float() - 1  # (B, K, D)
+    diff = _up(mask) - 1  # (B, K, D)
     if kind == "linf":
         return diff.abs().flatten(1).amax(dim=1).mean()
     if kind == "mse":
@@ -403,7 +413,7 @@ def mma_text_features(
     q_img = rearrange(q_img, "b (h c) -> b h c", h=heads)
     k_txt = rearrange(k_txt, "k (h c) -> k h c", h=heads)
     v_txt = rearrange(v_txt, "k (h c) -> k h c", h=heads)
-    scores = torch.einsum("bhc,khc->bhk", q_img, k_txt).float() / math.sqrt(c)  # (B, H, K)
+    scores = _up(torch.einsum("bhc,khc->bhk", q_img, k_txt)) / math.sqrt(c)  # (B, H, K)
     attn = torch.softmax(scores, dim=-1).to(v_txt.dtype)  # (B, H, K)
     o_img = rearrange(torch.einsum("bhk,khc->bhc", attn, v_txt), "b h c -> b (h c)")  # (B, n)
     a_img = F.linear(F.linear(o_img, *out_proj), *up)  # (B, D)
@@ -419,8 +429,8 @@ def mma_logits(f2: Tensor, t: Tensor, h: Tensor, scale: Tensor, blend: float) ->
     """
     lam = blend
     with _no_autocast(f2):
-        f2, t, h = f2.float(), t.float(), h.float()
-        s = scale.to(torch.float32)
+        f2, t, h = _up(f2), _up(t), _up(h)
+        s = scale.to(_acc(f2.dtype))
         cos_th = t @ h.T  # (B, K)
         cos_fh = f2 @ h.T  # (B, K)
         cos_ft = (f2 * t).sum(-1, keepdim=True)  # (B, 1)
@@ -473,24 +483,24 @@ def mma_master_logits(
     q_img, k_img, v_img = map(split, _mha_projections(down_map(f), in_proj))  # (B, H, c)
 
     # Text rows: shared text-text part, stabilised by its own row maximum.
-    tt = torch.einsum("qhc,jhc->hqj", q_txt, k_txt).float() * inv  # (H, K, K), once per class set
+    tt = _up(torch.einsum("qhc,jhc->hqj", q_txt, k_txt)) * inv  # (H, K, K), once per class set
     m_tt = tt.amax(dim=-1).detach()  # (H, K)
     p_tt = torch.exp(tt - m_tt.unsqueeze(-1))  # (H, K, K)
-    num = torch.einsum("hqj,jhc->hqc", p_tt, v_txt.float())  # (H, K, c)
+    num = torch.einsum("hqj,jhc->hqc", p_tt, _up(v_txt))  # (H, K, c)
     den = p_tt.sum(-1)  # (H, K)
-    ti = torch.einsum("qhc,bhc->bhq", q_txt, k_img).float() * inv + 1  # (B, H, K): text → own image
+    ti = _up(torch.einsum("qhc,bhc->bhq", q_txt, k_img)) * inv + 1  # (B, H, K): text → own image
     m = torch.maximum(m_tt.unsqueeze(0), ti).detach()  # (B, H, K)
     w_tt, w_ti = torch.exp(m_tt - m), torch.exp(ti - m)  # (B, H, K) each
-    o_txt = (w_tt.unsqueeze(-1) * num + w_ti.unsqueeze(-1) * v_img.float().unsqueeze(2)) / (
+    o_txt = (w_tt.unsqueeze(-1) * num + w_ti.unsqueeze(-1) * _up(v_img).unsqueeze(2)) / (
         w_tt * den + w_ti
     ).unsqueeze(-1)  # (B, H, K, c)
     o_txt = rearrange(o_txt, "b h k c -> b k (h c)")  # (B, K, n)
 
     # Image row: K text keys (+1) and itself (+0): a softmax over K + 1 scores.
-    it = torch.einsum("bhc,khc->bhk", q_img, k_txt).float() * inv + 1  # (B, H, K)
-    ii = (q_img.float() * k_img.float()).sum(-1, keepdim=True) * inv  # (B, H, 1)
+    it = _up(torch.einsum("bhc,khc->bhk", q_img, k_txt)) * inv + 1  # (B, H, K)
+    ii = (_up(q_img) * _up(k_img)).sum(-1, keepdim=True) * inv  # (B, H, 1)
     attn = torch.softmax(torch.cat([it, ii], dim=-1), dim=-1)  # (B, H, K + 1)
-    o_img = torch.einsum("bhk,khc->bhc", attn[..., :-1], v_txt.float()) + attn[..., -1:] * v_img.float()
+    o_img = torch.einsum("bhk,khc->bhc", attn[..., :-1], _up(v_txt)) + attn[..., -1:] * _up(v_img)
     o_img = rearrange(o_img, "b h c -> b (h c)")  # (B, n)
 
     def up_map(x: Tensor) -> Tensor:
@@ -501,4 +511,4 @@ def mma_master_logits(
     f2 = _blend(a_img, f, blend)  # (B, D)
     h2 = _blend(a_txt, h.unsqueeze(0), blend)  # (B, K, D)
     with _no_autocast(f2):
-        return scale.to(torch.float32) * torch.einsum("bd,bkd->bk", f2, h2)  # (B, K)
+        return scale.to(_acc(f2.dtype)) * torch.einsum("bd,bkd->bk", f2, h2)  # (B, K)

@@ -122,6 +122,9 @@ class _Adapter(nn.Module):
                 "'rada', 'rada+adapter' and 'mma+rada'"
             )
         check_features(image_features, text_features, self.dim)
+        # fp16 features (OpenAI's models on CUDA) meet fp32 parameters: the adapter math runs in fp32
+        dtype = torch.promote_types(image_features.dtype, next(self.parameters()).dtype)
+        image_features, text_features = image_features.to(dtype), text_features.to(dtype)
         scale = _scale_tensor(logit_scale, image_features)
         logits, mask = self._logits(image_features, text_features, scale)
         return (logits, mask) if return_mask else logits

@@ -348,15 +348,8 @@ def test_flat_attention_matches_naive(path, softmax, broadcast_q):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-FLOAT64_BUG = (
-    "rada_mma computes in float32 whatever the input dtype: kernels.normalize and the attention/"
-    "logit kernels call .float(), which DOWNcasts float64, so a .double() module fails in F.linear "
-    "(Float vs Double) and float64 kernels are only float32-accurate (gradcheck cannot pass)"
-)
-float64_xfail = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=FLOAT64_BUG)
 
 
-@float64_xfail
 def test_row_attention_gradcheck_float64():
     q, k, v = qkv(batch=1, keys=3, dtype=torch.float64)
     w = torch.randn(1, 2, 3, generator=seeded(3), dtype=torch.float64)
@@ -368,7 +361,6 @@ def test_row_attention_gradcheck_float64():
     assert torch.autograd.gradcheck(both_outputs, (q, k, v))
 
 
-@float64_xfail
 @pytest.mark.parametrize("softmax", ["flat", "row"])
 def test_flat_attention_gradcheck_float64(softmax):
     q, k, v = qkv(batch=1, keys=3, dtype=torch.float64)
@@ -388,7 +380,6 @@ GRADCHECK_MODULES = {
 }
 
 
-@float64_xfail
 @pytest.mark.parametrize("method", GRADCHECK_MODULES)
 def test_module_gradcheck_float64(method):
     module = randomize_(GRADCHECK_MODULES[method](), seed=4).double()
