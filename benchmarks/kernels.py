@@ -11,28 +11,47 @@ implementations run on the same inputs and the same weights:
 
 Usage, from the repository root::
 
-    python benchmarks/kernels.py --device cpu --quick --json benchmarks/results/kernels_cpu.json
+    python benchmarks/kernels.py --device cpu --quick --json benchmarks/results/kernels_cpu_quick.json
     python benchmarks/kernels.py --device cpu --json benchmarks/results/kernels_cpu.json       # all sizes
     python benchmarks/kernels.py --device cuda --json benchmarks/results/kernels_cuda.json     # + bf16 autocast
     python benchmarks/kernels.py --classes 4 --batch 2 --dim 32 --repeats 1 --json /tmp/k.json  # smoke test
 
-Each point runs in a fresh process (``--point``), so that its CPU peak memory
-is the resident-set growth of a process that ran only that point: the peak
-RSS over its steps minus the RSS after imports, inputs and weights (the kernel's
-high-water mark is reset through ``/proc/self/clear_refs`` first). On CUDA the
-peak is ``max_memory_allocated`` over the steps minus what was allocated before
-the first step. A point that runs out of memory is recorded with ``oom: true``.
+``--quick`` runs K = 1000 at the CPU targets' batch sizes (RAda 8, MMA 256)
+only, timing a slow step once. Sizes: K in 10, 32, 100, 320, 1000; B in 8, 32
+(RAda) and 32, 256 (MMA); D = 512; fp32, plus bf16 autocast on CUDA.
+
+Timing: after a tiny step that lets thread pools and BLAS set themselves up,
+one warm-up step, then timed steps (at least ``--min-repeats``, more while
+they fit ``--budget`` seconds, at most ``--repeats``); the median is
+``ms_median``. A step slower than ``--slow`` seconds is warm already and counts.
+``cpu_ms_median`` (all threads' CPU time) and the load average show how much
+other work on the machine skewed the wall times.
+
+Memory: each point runs in fresh processes (``--point``). On CPU a memory
+process runs one step and reports its resident-set growth over the RSS after
+imports, inputs and weights (the high-water mark reset through
+``/proc/self/clear_refs``), with glibc's mmap threshold fixed at 1 MiB: by
+default malloc keeps freed blocks of up to 32 MB resident for reuse, so RSS
+would count heap fragmentation rather than what the step needs (that default
+figure, over the timing process's steps, is kept as
+``peak_mb_default_malloc``). On CUDA the peak is ``max_memory_allocated`` over
+the steps minus what was allocated before the first. A point that runs out of
+memory is recorded with ``oom: true``.
 
 Errors are against the released formulation in fp32 with the same inputs and
 weights: ``max_abs_err_logits`` and ``max_rel_err_grads`` (``‖g − g_ref‖ /
 ‖g_ref‖``, the largest over parameters). Where the released form ran out of
 memory at full batch, its reference outputs come from micro-batches (images
 are independent and the loss is a batch mean, so this is the same gradient).
+fp32 is not exact, so where a float64 run of the released form fits
+``--fp64-budget``, both implementations' errors against it are recorded too
+(``*_fp64``).
 
-The same run times a large fp32 matmul (``machine_matmul_gflops``) so that the
-fused kernels' FLOP rate (:func:`fused_flops`, counted analytically) reads as a
-fraction of what the machine can do. JSON, a markdown table and a plot of time
-and memory against K are written next to ``--json`` (same stem).
+The same run times a large fp32 matmul (``machine_matmul_gflops``, the better
+of the run's start and end) so that the fused kernels' FLOP rate
+(:func:`fused_flops`, counted analytically) reads as a fraction of what the
+machine can do. JSON, a markdown table and a plot of time and memory against
+K are written next to ``--json`` (same stem).
 """
 
 from __future__ import annotations
@@ -588,6 +607,11 @@ def summarise(records: list[dict]) -> list[dict]:
                 fused_mb_default=fus.get("peak_mb_default_malloc"),
                 released_oom=rel.get("oom", False),
                 speedup=_ratio(rel.get("ms_median"), fus.get("ms_median")),
+                cpu_speedup=_ratio(rel.get("cpu_ms_median"), fus.get("cpu_ms_median")),
+                load=max(
+                    (x for x in (rel.get("load_average"), fus.get("load_average")) if x is not None),
+                    default=None,
+                ),
                 memory_ratio=_ratio(rel.get("peak_mb"), fus.get("peak_mb")),
                 err_logits=fus.get("max_abs_err_logits"),
                 err_grads=fus.get("max_rel_err_grads"),
@@ -628,11 +652,14 @@ def markdown(records: list[dict], meta: dict) -> str:
         "both implementations' gradient errors against the released form run in float64 "
         "(fp32 is not exact: the released form's own fp32 gradients are the less accurate ones). "
         "Fused GFLOP/s counts the exact fused form's matmul FLOPs (`fused_flops`, backward "
-        "included, recomputation not counted).",
+        "included, recomputation not counted). CPU-time speed-up: the same ratio in CPU time of all "
+        "threads; load: the machine's 1-minute load average when the points ran (the machine has "
+        f"{os.cpu_count()} CPUs; a load above that means other work shared them and skewed the wall times).",
         "",
-        "| method | B | K | dtype | released ms | fused ms | speed-up | released MB | fused MB | "
-        "memory ratio | err logits | err grads | grads vs fp64: released / fused | fused GFLOP/s | of matmul |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | B | K | dtype | released ms | fused ms | speed-up | CPU-time speed-up | load | released MB | "
+        "fused MB | memory ratio | err logits | err grads | grads vs fp64: released / fused | fused GFLOP/s | "
+        "of matmul |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summarise(records):
         rel_ms = "OOM" if r["released_oom"] else _fmt(r["released_ms"])
@@ -640,7 +667,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         fus_mb = _fmt(r["fused_mb"]) + _paren(r["fused_mb_default"])
         lines.append(
             f"| {r['method']} | {r['batch']} | {r['classes']} | {r['dtype']} | {rel_ms} | {_fmt(r['fused_ms'])} | "
-            f"{_fmt(r['speedup'], '.1f')}× | {rel_mb} | {fus_mb} | "
+            f"{_fmt(r['speedup'], '.1f')}× | {_fmt(r['cpu_speedup'], '.1f')}× | {_fmt(r['load'], '.1f')} | "
+            f"{rel_mb} | {fus_mb} | "
             f"{_fmt(r['memory_ratio'], '.1f')}× | {_fmt(r['err_logits'], '.1e')} | {_fmt(r['err_grads'], '.1e')} | "
             f"{_fmt(r['released_err64'], '.1e')} / {_fmt(r['fused_err64'], '.1e')} | "
             f"{_fmt(r['achieved_gflops'], '.1f')} | {_fmt(r['fraction_of_matmul'] and 100 * r['fraction_of_matmul'], '.0f')}% |"
@@ -729,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="most timed steps per point")
     parser.add_argument("--min-repeats", type=int, default=3, help="fewest timed steps per point")
     parser.add_argument("--warmup", type=int, default=1, help="extra warm-up steps after the first")
-    parser.add_argument("--budget", type=float, default=5.0, help="seconds of timed steps per point")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed steps per point")
     parser.add_argument(
         "--slow", type=float, default=2.0, help="a first step slower than this is the only warm-up"
     )
