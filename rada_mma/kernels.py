@@ -44,10 +44,10 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 # PyTorch's fused flash-attention kernels for CPU (forward returns the row
 # log-sum-exp; backward recomputes blocks from it). Used for the text and
-# rational attentions on CPU in float32, bfloat16 and float16; set to False to
-# force the portable chunked path everywhere.
+# rational attentions on CPU (float64 too, so gradcheck covers this path); set
+# to False to force the portable chunked path everywhere.
 FLASH_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
-_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _up(x: Tensor) -> Tensor:
