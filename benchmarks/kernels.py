@@ -66,7 +66,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -364,117 +363,160 @@ def _errors(logits, grads, ref_logits, ref_grads) -> tuple[float, float]:
 FP64_COST = 2.5
 
 
-def run_point(spec: dict) -> dict:
-    """Measure one (method, impl, sizes, dtype) point in this process; returns its record.
-
-    ``spec["mode"]``: ``"memory"``: the peak memory of one training step;
-    ``"time"``: warm-up, timed steps and the errors against the released form;
-    ``"both"``: all of it (CUDA, where the allocator's own peak is exact).
-    """
+def _setup(spec: dict):
+    """Both modules (identical weights) on the device, the autocast context and the logit scale."""
     device = torch.device(spec["device"])
-    method, impl, mode = spec["method"], spec["impl"], spec["mode"]
-    b, k, d = spec["batch"], spec["classes"], spec["dim"]
-    record = _base_record(spec)
     torch.manual_seed(spec["seed"])
-    fused, released = build(method, d, spec["seed"])
-    model = (released if impl == "released" else fused).to(device)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if spec["dtype"] == "bf16-autocast"
-        else contextlib.nullcontext()
-    )
-    scale = torch.tensor(LOGIT_SCALE, device=device)
-    outputs = {}
+    fused, released = build(spec["method"], spec["dim"], spec["seed"])
+    models = {"released": released.to(device), "fused": fused.to(device)}
+    bf16 = spec["dtype"] == "bf16-autocast"
 
+    def autocast():
+        return (
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+            if bf16
+            else contextlib.nullcontext()
+        )
+
+    return device, models, autocast, torch.tensor(LOGIT_SCALE, device=device)
+
+
+def _make_step(model: torch.nn.Module, autocast, scale: torch.Tensor, outputs: dict):
     def step(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> None:
         model.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast():
             logits = _logits(model, image, text, scale)
         F.cross_entropy(logits.float(), labels).backward()
         outputs["logits"] = logits.detach()
 
+    return step
+
+
+def _oom_record(record: dict, error: BaseException) -> dict:
+    if not _is_oom(error):
+        raise error
+    return {**record, "oom": True, "error": f"{type(error).__name__}: {str(error)[:200]}"}
+
+
+def memory_point(spec: dict) -> dict:
+    """Peak memory of one training step of ``spec["impl"]``, in this (fresh) process."""
+    device, models, autocast, scale = _setup(spec)
+    model = models.pop(spec["impl"])
+    models.clear()
+    step = _make_step(model, autocast, scale, {})
     # A tiny step first: thread pools and BLAS set themselves up outside the measurement.
-    step(*(x.to(device) for x in inputs(1, 2, d, spec["seed"])))
-    data = tuple(x.to(device) for x in inputs(b, k, d, spec["seed"]))
-    cpu_times: list[float] = []
-
-    def timed_step() -> float:
-        _sync(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step(*data)
-        _sync(device)
-        cpu_times.append(time.process_time() - cpu_start)
-        return time.perf_counter() - start
-
+    step(*(x.to(device) for x in inputs(1, 2, spec["dim"], spec["seed"])))
+    data = tuple(x.to(device) for x in inputs(spec["batch"], spec["classes"], spec["dim"], spec["seed"]))
+    record = _base_record(spec)
     memory = _Memory(device)
-    times: list[float] = []
     try:
         memory.start()
-        first = timed_step()
-        if mode == "memory":
-            record["peak_mb"] = round(memory.peak_mb(), 2)
-            return record
-        slow = first >= spec["slow_s"]
-        if slow:  # after the tiny step, a slow point's first step is warm: it counts
-            times.append(first)
-        for _ in range(0 if slow else spec["warmup"]):
-            timed_step()
-        while len(times) < spec["repeats"] and (
-            len(times) < spec["repeats_min"] or sum(times) < spec["budget_s"]
-        ):
-            times.append(timed_step())
-        record["peak_mb" if mode == "both" else "peak_mb_default_malloc"] = round(memory.peak_mb(), 2)
+        step(*data)
+        _sync(device)
     except Exception as error:  # noqa: BLE001 - an OOM becomes a record; anything else is re-raised
-        if not _is_oom(error):
-            raise
-        record.update(oom=True, error=f"{type(error).__name__}: {str(error)[:200]}")
-        return record
-    record["ms_median"] = round(1e3 * statistics.median(times), 3)
-    record["ms_all"] = [round(1e3 * t, 3) for t in times]
-    # CPU time of all threads over the same steps: steadier than wall time on a shared machine
-    record["cpu_ms_median"] = round(1e3 * statistics.median(cpu_times[-len(times) :]), 3)
-    record["load_average"] = round(os.getloadavg()[0], 2)  # 1-minute load: other work skews timings
-
-    # Errors against the released formulation in fp32, saved by its own point when it
-    # ran, and against the released formulation in float64 where that is affordable:
-    # fp32 itself is not exact, and the float64 errors say which side is off.
-    logits = outputs["logits"].float().cpu()
-    grads = (
-        _official_grads(method, model)
-        if impl == "fused"
-        else {n: p.grad.float().cpu() for n, p in model.named_parameters()}
-    )
-    ref_path = Path(spec["ref_path"])
-    if impl == "released" and spec["dtype"] == "fp32":
-        ref = {"logits": logits, "grads": grads}
-        if record["ms_median"] * FP64_COST < 1e3 * spec["fp64_budget_s"]:
-            exact = copy.deepcopy(released).double()
-            micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 8)))  # ~20 (8, K, K) maps per image
-            ref["logits64"], ref["grads64"] = released_outputs(
-                method,
-                exact,
-                *(x.double() if x.is_floating_point() else x for x in data),
-                scale.double(),
-                micro,
-            )
-        torch.save(ref, ref_path)
-    if ref_path.exists():
-        ref = torch.load(ref_path, weights_only=True)
-    else:  # the released form did not fit at full batch: rebuild its outputs in micro-batches
-        del model
-        released = released.to(device)
-        micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 4)))  # ~20 (8, K, K) maps per image
-        ref = dict(
-            zip(("logits", "grads"), released_outputs(method, released, *data, scale, micro), strict=True)
-        )
-        record["reference_micro_batch"] = micro
-    record["max_abs_err_logits"], record["max_rel_err_grads"] = _errors(
-        logits, grads, ref["logits"], ref["grads"]
-    )
-    if "logits64" in ref:
-        errors = _errors(logits, grads, ref["logits64"], ref["grads64"])
-        record["max_abs_err_logits_fp64"], record["max_rel_err_grads_fp64"] = errors
+        return _oom_record(record, error)
+    record["peak_mb"] = round(memory.peak_mb(), 2)
     return record
+
+
+def timing_point(spec: dict) -> list[dict]:
+    """Time ``spec["impls"]`` at one size in this process, their steps interleaved; their records.
+
+    Interleaving gives both implementations the same share of whatever else
+    runs on the machine. Each implementation's first step (fused first, so
+    that its memory is measured on a fresh heap) gives the default-allocator
+    memory peak (on CUDA, ``peak_mb``) and warms it up; then one more warm-up
+    step unless that first step was slow, and then timed steps in turn.
+    Finally the errors against the released form, fp32 and float64.
+    """
+    device, models, autocast, scale = _setup(spec)
+    method, k = spec["method"], spec["classes"]
+    impls = [impl for impl in ("fused", "released") if impl in spec["impls"]]
+    outputs = {impl: {} for impl in impls}
+    steps = {impl: _make_step(models[impl], autocast, scale, outputs[impl]) for impl in impls}
+    tiny = tuple(x.to(device) for x in inputs(1, 2, spec["dim"], spec["seed"]))
+    for impl in impls:
+        steps[impl](*tiny)
+    data = tuple(x.to(device) for x in inputs(spec["batch"], k, spec["dim"], spec["seed"]))
+    records = {impl: _base_record({**spec, "impl": impl}) for impl in impls}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    cpu_times: dict[str, list[float]] = {impl: [] for impl in impls}
+
+    def timed_step(impl: str) -> float:
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        steps[impl](*data)
+        _sync(device)
+        cpu_times[impl].append(time.process_time() - cpu_start)
+        return time.perf_counter() - start
+
+    def done(impl: str) -> bool:
+        t = times[impl]
+        return len(t) >= spec["repeats"] or (len(t) >= spec["repeats_min"] and sum(t) >= spec["budget_s"])
+
+    memory = _Memory(device)
+    for impl in list(impls):
+        try:
+            memory.start()
+            first = timed_step(impl)
+            peak = round(memory.peak_mb(), 2)
+            records[impl]["peak_mb" if device.type == "cuda" else "peak_mb_default_malloc"] = peak
+            if first >= spec["slow_s"]:  # after the tiny step, a slow first step is warm: it counts
+                times[impl].append(first)
+            else:
+                for _ in range(spec["warmup"]):
+                    timed_step(impl)
+        except Exception as error:  # noqa: BLE001 - an OOM becomes a record; anything else is re-raised
+            records[impl] = _oom_record(records[impl], error)
+            impls.remove(impl)
+    active = [impl for impl in impls if not done(impl)]
+    while active:
+        for impl in list(active):
+            times[impl].append(timed_step(impl))
+            if done(impl):
+                active.remove(impl)
+    load = round(os.getloadavg()[0], 2)  # 1-minute load: other work skews timings
+    for impl in impls:
+        records[impl].update(
+            ms_median=round(1e3 * statistics.median(times[impl]), 3),
+            ms_all=[round(1e3 * t, 3) for t in times[impl]],
+            # CPU time of all threads over the same steps: steadier than wall time on a shared machine
+            cpu_ms_median=round(1e3 * statistics.median(cpu_times[impl][-len(times[impl]) :]), 3),
+            load_average=load,
+        )
+
+    # Errors against the released form in fp32 (the released steps' own outputs when
+    # they ran in fp32, else rebuilt in micro-batches) and, where affordable, in
+    # float64: fp32 itself is not exact, and the float64 errors say which side is off.
+    got = {}
+    for impl in impls:
+        model = models[impl]
+        grads = (
+            _official_grads(method, model)
+            if impl == "fused"
+            else {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+        )
+        got[impl] = (outputs[impl]["logits"].float().cpu(), grads)
+    released = models["released"]
+    if "released" in impls and spec["dtype"] == "fp32":
+        ref = got["released"]
+    else:
+        micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 4)))  # ~20 (8, K, K) maps per image
+        ref = released_outputs(method, released, *data, scale, micro)
+        for record in records.values():
+            record["reference_micro_batch"] = micro
+    released_ms = records["released"].get("ms_median") or float("inf")
+    exact = None
+    if spec["dtype"] == "fp32" and released_ms * FP64_COST < 1e3 * spec["fp64_budget_s"]:
+        micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 8)))
+        data64 = tuple(x.double() if x.is_floating_point() else x for x in data)
+        exact = released_outputs(method, copy.deepcopy(released).double(), *data64, scale.double(), micro)
+    for impl in impls:
+        record = records[impl]
+        record["max_abs_err_logits"], record["max_rel_err_grads"] = _errors(*got[impl], *ref)
+        if exact is not None:
+            record["max_abs_err_logits_fp64"], record["max_rel_err_grads_fp64"] = _errors(*got[impl], *exact)
+    return [records[impl] for impl in spec["impls"] if impl in records]
 
 
 # ----------------------------------------------------------------------------
@@ -514,38 +556,57 @@ def _available_bytes() -> int | None:
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
-def _subprocess(spec: dict, timeout: float, env: dict | None = None) -> dict:
+def _subprocess(spec: dict, timeout: float, env: dict | None = None):
+    """Run ``--point spec`` in a fresh process: its JSON result, or None if it died of memory."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--point", json.dumps(spec)]
     try:
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
         )
-    except subprocess.TimeoutExpired:
-        return {**_base_record(spec), "error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"point {spec} timed out after {timeout:.0f} s") from error
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("{", "["))]
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])
     killed = done.returncode in (-9, 137)  # the kernel's OOM killer
-    tail = done.stderr.strip().splitlines()[-3:]
-    if not killed and not any("memory" in line.lower() for line in tail):
-        raise RuntimeError(f"point {spec} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return {**_base_record(spec), "oom": True, "error": " | ".join(tail)[-300:] or "killed"}
+    if killed or "memory" in done.stderr[-500:].lower():
+        return None
+    raise RuntimeError(f"point {spec} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 
 
-def measure(spec: dict, timeout: float) -> dict:
-    """One point: on CPU a memory process (one step) then a timing process; on CUDA one process."""
-    if spec["device"] == "cuda":
-        return _subprocess({**spec, "mode": "both"}, timeout)
-    memory = _subprocess({**spec, "mode": "memory"}, timeout, env=MEMORY_ENV)
-    if memory.get("oom"):
-        return memory
-    record = _subprocess({**spec, "mode": "time"}, timeout)
-    record["peak_mb"] = memory["peak_mb"]
-    return record
+def measure(spec: dict, timeout: float) -> list[dict]:
+    """Records of every implementation at one size.
+
+    CPU: one memory process per implementation (one step, fixed mmap
+    threshold), then one timing process for those that fit. CUDA: the timing
+    process alone (the allocator's peak is exact there).
+    """
+    impls = spec["impls"]
+    peaks = {}
+    if spec["device"] == "cpu":
+        for impl in impls:
+            record = _subprocess({**spec, "impl": impl, "mode": "memory"}, timeout, env=MEMORY_ENV)
+            peaks[impl] = record or {**_base_record({**spec, "impl": impl}), "oom": True, "error": "killed"}
+    fits = [impl for impl in impls if not peaks.get(impl, {}).get("oom")]
+    timed = _subprocess({**spec, "impls": fits, "mode": "time"}, timeout) if fits else []
+    if timed is None and "released" in fits:  # the timing process died of the released form: time the rest
+        peaks["released"] = {**_base_record({**spec, "impl": "released"}), "oom": True, "error": "killed"}
+        fits = [impl for impl in fits if impl != "released"]
+        timed = _subprocess({**spec, "impls": fits, "mode": "time"}, timeout) if fits else []
+    if timed is None:
+        raise RuntimeError(f"point {spec} ran out of memory with {fits}")
+    by_impl = {record["impl"]: record for record in timed}
+    records = []
+    for impl in impls:
+        record = by_impl.get(impl) or peaks[impl]
+        if impl in peaks and not record.get("oom"):
+            record["peak_mb"] = peaks[impl]["peak_mb"]
+        records.append(record)
+    return records
 
 
 def _base_record(spec: dict) -> dict:
-    record = {key: spec[key] for key in ("method", "impl", "batch", "classes", "dim", "device", "dtype")}
+    record = {key: spec.get(key) for key in ("method", "impl", "batch", "classes", "dim", "device", "dtype")}
     record.update(
         ms_median=None, ms_all=[], peak_mb=None, max_abs_err_logits=None, max_rel_err_grads=None, oom=False
     )
@@ -553,31 +614,34 @@ def _base_record(spec: dict) -> dict:
 
 
 def plan(args: argparse.Namespace) -> list[dict]:
-    """All points of the run, the released one first at each size (it writes the reference)."""
+    """Every size of the run, each with the implementations to compare there."""
     dtypes = ["fp32"] + (["bf16-autocast"] if args.device == "cuda" and not args.fp32_only else [])
     methods = args.methods.split(",")
+    impls = args.impls.split(",")
     for method in methods:
         if method not in METHODS:
             raise SystemExit(f"unknown method {method!r}; choose from {','.join(METHODS)}")
+    for impl in impls:
+        if impl not in IMPLS:
+            raise SystemExit(f"unknown implementation {impl!r}; choose from {','.join(IMPLS)}")
     classes = args.classes or ((1000,) if args.quick else CLASSES)
-    points = []
+    sizes = []
     for method in methods:
         for batch in args.batch or (QUICK_BATCHES[method] if args.quick else BATCHES[method]):
             for k in classes:
                 for dtype in dtypes:
-                    for impl in args.impls.split(","):
-                        points.append(
-                            dict(
-                                method=method,
-                                impl=impl,
-                                batch=batch,
-                                classes=k,
-                                dim=args.dim,
-                                device=args.device,
-                                dtype=dtype,
-                            )
+                    sizes.append(
+                        dict(
+                            method=method,
+                            impls=impls,
+                            batch=batch,
+                            classes=k,
+                            dim=args.dim,
+                            device=args.device,
+                            dtype=dtype,
                         )
-    return points
+                    )
+    return sizes
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -783,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(args.point)
         if spec["device"] == "cpu":
             _limit_memory(spec.get("memory_limit"))
-        print(json.dumps(run_point(spec)))
+        print(json.dumps(memory_point(spec) if spec["mode"] == "memory" else timing_point(spec)))
         return 0
 
     device = torch.device(args.device)
@@ -797,27 +861,24 @@ def main(argv: list[str] | None = None) -> int:
         else (int(0.75 * available) if available else None)
     )
     points = plan(args)
-    print(f"{len(points)} points on {args.device}", file=sys.stderr)
+    print(f"{len(points)} sizes on {args.device}", file=sys.stderr)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     peak_before = matmul_gflops(device, args.matmul_size)
     records = []
-    with tempfile.TemporaryDirectory(prefix="rada_mma_bench_") as tmp:
-        for spec in points:
-            spec.update(
-                seed=args.seed,
-                warmup=args.warmup,
-                repeats=args.repeats,
-                repeats_min=repeats_min,
-                budget_s=args.budget,
-                quick=args.quick,
-                fp64_budget_s=args.fp64_budget,
-                slow_s=args.slow,
-                memory_limit=memory_limit,
-                ref_bytes=4 * 2**30,
-                ref_path=str(Path(tmp) / f"{spec['method']}_{spec['batch']}_{spec['classes']}.pt"),
-            )
-            started = time.perf_counter()
-            record = measure(spec, args.point_timeout)
+    for spec in points:
+        spec.update(
+            seed=args.seed,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            repeats_min=repeats_min,
+            budget_s=args.budget,
+            fp64_budget_s=args.fp64_budget,
+            slow_s=args.slow,
+            memory_limit=memory_limit,
+            ref_bytes=4 * 2**30,
+        )
+        started = time.perf_counter()
+        for record in measure(spec, args.point_timeout):
             records.append(record)
             print(
                 f"{record['method']:>13} {record['impl']:>8} B={record['batch']:<4} K={record['classes']:<5} "
