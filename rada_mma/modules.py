@@ -384,6 +384,13 @@ class MultiModalAdapter(_Adapter):
             blend=c.blend,
         )
 
+    def image_attention(self, f: Tensor, h: Tensor) -> Tensor:
+        """The image token's attention over the K classes, ``(B, heads, K)``, for normalised ``f``, ``h``."""
+        return kernels.mma_image_attention(
+            self.down(f), self.down(h), in_proj=_pair(self.to_qkv), heads=self.config.mma_heads,
+            master=self.variant == "master",
+        )
+
     def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, None]:
         c = self.config
         f, h = kernels.normalize(image), kernels.normalize(text)

@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
@@ -58,23 +56,8 @@ def plot_history(history: Sequence[dict[str, float]], path: str | os.PathLike, *
 
 
 def _image_attention(mma: MultiModalAdapter, f: Tensor, h: Tensor) -> Tensor:
-    """The image token's attention weights over the K class tokens, mean over heads: ``(B, K)``.
-
-    Recomputed from the module's parameters (the kernels never return them).
-    Paper variant: a softmax over the K text keys. Earlier ("master") variant:
-    a softmax over the K text keys (+1 cross-modal bias) and the image itself;
-    the weights on the texts are shown, so a row sums to less than 1.
-    """
-    n, heads = mma.config.mma_width, mma.config.mma_heads
-    q_img, k_img, _ = F.linear(mma.down(f), mma.to_qkv.weight, mma.to_qkv.bias).split(n, dim=-1)  # (B, n) each
-    _, k_txt, _ = F.linear(mma.down(h), mma.to_qkv.weight, mma.to_qkv.bias).split(n, dim=-1)  # (K, n)
-    q_img, k_img = q_img.reshape(len(f), heads, -1), k_img.reshape(len(f), heads, -1)  # (B, H, c)
-    k_txt = k_txt.reshape(len(h), heads, -1)  # (K, H, c)
-    scores = torch.einsum("bhc,khc->bhk", q_img, k_txt).float() / math.sqrt(n // heads)  # (B, H, K)
-    if mma.variant == "master":
-        itself = (q_img * k_img).sum(-1, keepdim=True).float() / math.sqrt(n // heads)  # (B, H, 1)
-        return torch.softmax(torch.cat([scores + 1, itself], dim=-1), dim=-1)[..., :-1].mean(1)  # (B, K)
-    return torch.softmax(scores, dim=-1).mean(1)  # (B, K)
+    """The image token's attention over the K classes, mean over heads: ``(B, K)``."""
+    return mma.image_attention(f, h).mean(1)
 
 
 @torch.no_grad()
