@@ -28,6 +28,7 @@ from torch import Tensor
 __all__ = [
     "flat_attention",
     "mma_adapted_text",
+    "mma_image_attention",
     "mma_logits",
     "mma_master_logits",
     "mma_text_features",
@@ -441,6 +442,31 @@ def mma_logits(f2: Tensor, t: Tensor, h: Tensor, scale: Tensor, blend: float) ->
 def mma_adapted_text(t: Tensor, h: Tensor, blend: float) -> Tensor:
     """``h'_{b,k} = norm(λ t̂_b + (1−λ) ĥ_k)`` explicitly, ``(B, K, D)`` (for stacking RAda on MMA)."""
     return normalize(blend * t.unsqueeze(1) + (1 - blend) * h.unsqueeze(0))
+
+
+def mma_image_attention(
+    x_img: Tensor, x_txt: Tensor, *, in_proj: tuple[Tensor, Tensor], heads: int, master: bool = False
+) -> Tensor:
+    """The image token's attention weights over the K class tokens, per head: ``(B, H, K)``.
+
+    Args:
+        x_img: ``(B, n)`` and x_txt: ``(K, n)``: down-sampled normalised features.
+        in_proj: ``nn.MultiheadAttention``'s packed input projection.
+        master: the earlier released variant: a softmax over the K texts (+1
+            cross-modal bias) and the image itself, of which the K text weights
+            are returned (a row then sums to less than 1).
+    """
+    n = x_img.shape[-1]
+    q_img, k_img, _ = _mha_projections(x_img, in_proj)  # (B, n) each
+    _, k_txt, _ = _mha_projections(x_txt, in_proj)  # (K, n)
+    q_img, k_img = (rearrange(x, "b (h c) -> b h c", h=heads) for x in (q_img, k_img))  # (B, H, c)
+    k_txt = rearrange(k_txt, "k (h c) -> k h c", h=heads)  # (K, H, c)
+    inv = 1.0 / math.sqrt(n // heads)
+    scores = _up(torch.einsum("bhc,khc->bhk", q_img, k_txt)) * inv  # (B, H, K)
+    if not master:
+        return torch.softmax(scores, dim=-1)
+    itself = _up((q_img * k_img).sum(-1, keepdim=True)) * inv  # (B, H, 1)
+    return torch.softmax(torch.cat([scores + 1, itself], dim=-1), dim=-1)[..., :-1]  # (B, H, K)
 
 
 def mma_master_logits(
