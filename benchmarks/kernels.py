@@ -47,8 +47,8 @@ fp32 is not exact, so where a float64 run of the released form fits
 ``--fp64-budget``, both implementations' errors against it are recorded too
 (``*_fp64``).
 
-The same run times a large fp32 matmul (``machine_matmul_gflops``, the better
-of the run's start and end) so that the fused kernels' FLOP rate
+The same run times a large fp32 matmul (``machine_matmul_gflops``: the best of
+the run's start, its end and every size's timing process) so that the fused kernels' FLOP rate
 (:func:`fused_flops`, counted analytically) reads as a fraction of what the
 machine can do. JSON, a markdown table and a plot of time and memory against
 K are written next to ``--json`` (same stem).
@@ -431,6 +431,8 @@ def timing_point(spec: dict) -> list[dict]:
     """
     device, models, autocast, scale = _setup(spec)
     method, k = spec["method"], spec["classes"]
+    # The machine's matmul throughput now, beside the steps: the run's peak is the best of these.
+    here = round(matmul_gflops(device, spec["matmul_size"]), 1)
     impls = [impl for impl in ("fused", "released") if impl in spec["impls"]]
     outputs = {impl: {} for impl in impls}
     steps = {impl: _make_step(models[impl], autocast, scale, outputs[impl]) for impl in impls}
@@ -483,6 +485,7 @@ def timing_point(spec: dict) -> list[dict]:
             # CPU time of all threads over the same steps: steadier than wall time on a shared machine
             cpu_ms_median=round(1e3 * statistics.median(cpu_times[impl][-len(times[impl]) :]), 3),
             load_average=load,
+            matmul_gflops_here=here,
         )
 
     # Errors against the released form in fp32 (the released steps' own outputs when
@@ -874,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
             budget_s=args.budget,
             fp64_budget_s=args.fp64_budget,
             slow_s=args.slow,
+            matmul_size=args.matmul_size,
             memory_limit=memory_limit,
             ref_bytes=4 * 2**30,
         )
@@ -889,7 +893,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     peak_after = matmul_gflops(device, args.matmul_size)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    peak = max(peak_before, peak_after)
+    peak = max(
+        [peak_before, peak_after] + [r["matmul_gflops_here"] for r in records if r.get("matmul_gflops_here")]
+    )
     meta = dict(
         device=args.device if device.type == "cpu" else torch.cuda.get_device_name(device),
         machine=_machine(),
