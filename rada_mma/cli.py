@@ -1,4 +1,4 @@
-"""The ``rada-mma`` command: extract, fit, eval, bench.
+"""The ``rada-mma`` command: demo, extract, fit, eval, bench.
 
     rada-mma fit --model ViT-B-16 --pretrained openai --data ~/data/oxford_pets \\
         --method rada --shots 16 --seed 1 --out runs/pets-rada
@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, data_nargs="+")
     _add_training(p, many=True)
     p.set_defaults(func=cmd_bench)
+    from .demo import add_demo_parser  # here: demo builds on this module
+
+    add_demo_parser(sub)
     return parser
 
 

@@ -265,7 +265,10 @@ def _detect(name: str | None, *candidates: Any) -> tuple[DatasetInfo | None, str
                 candidate, info.name,
             )
             return info, info.name
-    return None, str(next((c for c in candidates if c), "dataset")).rsplit("/", 1)[-1]
+    fallback = str(next((c for c in candidates if c), "dataset")).rsplit("/", 1)[-1]
+    if fallback.startswith("split_zhou_") and fallback.endswith(".json"):  # a CoOp split file of one's own data
+        fallback = fallback[len("split_zhou_") : -len(".json")]
+    return None, fallback
 
 
 def _check_classnames(given: list[str] | None, count: int, where: str) -> list[str] | None:
