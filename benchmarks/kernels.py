@@ -32,10 +32,11 @@ process runs one step and reports its resident-set growth over the RSS after
 imports, inputs and weights (the high-water mark reset through
 ``/proc/self/clear_refs``), with glibc's mmap threshold fixed at 1 MiB: by
 default malloc keeps freed blocks of up to 32 MB resident for reuse, so RSS
-would count heap fragmentation rather than what the step needs (that default
-figure, over the timing process's steps, is kept as
-``peak_mb_default_malloc``). On CUDA the peak is ``max_memory_allocated`` over
-the steps minus what was allocated before the first. A point that runs out of
+would count heap fragmentation rather than what the step needs (the default
+figure, the growth over each implementation's first step in the shared timing
+process, fused first, is kept as ``peak_mb_default_malloc``: an indication
+only). On CUDA the peak is ``max_memory_allocated`` over each implementation's
+first step minus what was allocated before it. A point that runs out of
 memory is recorded with ``oom: true``.
 
 Errors are against the released formulation in fp32 with the same inputs and
@@ -513,7 +514,14 @@ def timing_point(spec: dict) -> list[dict]:
     if spec["dtype"] == "fp32" and released_ms * FP64_COST < 1e3 * spec["fp64_budget_s"]:
         micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 8)))
         data64 = tuple(x.double() if x.is_floating_point() else x for x in data)
-        exact = released_outputs(method, copy.deepcopy(released).double(), *data64, scale.double(), micro)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(
+            torch.float64
+        )  # the released MMA builds its attention mask in the default dtype
+        try:
+            exact = released_outputs(method, copy.deepcopy(released).double(), *data64, scale.double(), micro)
+        finally:
+            torch.set_default_dtype(default)
     for impl in impls:
         record = records[impl]
         record["max_abs_err_logits"], record["max_rel_err_grads"] = _errors(*got[impl], *ref)
@@ -670,8 +678,6 @@ def summarise(records: list[dict]) -> list[dict]:
                 fused_ms=fus.get("ms_median"),
                 released_mb=rel.get("peak_mb"),
                 fused_mb=fus.get("peak_mb"),
-                released_mb_default=rel.get("peak_mb_default_malloc"),
-                fused_mb_default=fus.get("peak_mb_default_malloc"),
                 released_oom=rel.get("oom", False),
                 speedup=_ratio(rel.get("ms_median"), fus.get("ms_median")),
                 cpu_speedup=_ratio(rel.get("cpu_ms_median"), fus.get("cpu_ms_median")),
@@ -699,10 +705,6 @@ def _fmt(x, spec: str = ".1f") -> str:
     return format(x, spec)
 
 
-def _paren(x) -> str:
-    return f" ({x:.0f})" if x is not None else ""
-
-
 def markdown(records: list[dict], meta: dict) -> str:
     lines = [
         f"# Fused kernels vs the released formulation ({meta['device']})",
@@ -710,11 +712,12 @@ def markdown(records: list[dict], meta: dict) -> str:
         f"One training step (forward + cross-entropy + backward), D = {records[0]['dim'] if records else '?'}, "
         f"median of timed steps. Machine: {meta['machine']}; torch {meta['torch']}, "
         f"{meta['threads']} threads; large fp32 matmul: **{meta['machine_matmul_gflops']:.0f} GFLOP/s**. "
-        "Peak memory (MB): CUDA, `max_memory_allocated` over the steps minus what inputs and weights "
+        "Peak memory (MB): CUDA, `max_memory_allocated` over a step minus what inputs and weights "
         "held; CPU, the resident-set growth of a fresh process over one step, with glibc's mmap "
-        "threshold fixed at 1 MiB so that freed blocks leave the resident set as they would leave "
-        "CUDA's allocated count (in parentheses: the growth over the timing process's steps with "
-        "malloc's defaults, which keeps freed blocks of up to 32 MB resident). Errors: fused vs released, "
+        "threshold fixed at 1 MiB so that freed blocks leave the resident set as they leave CUDA's "
+        "allocated count (malloc's defaults keep freed blocks of up to 32 MB resident; the JSON's "
+        "`peak_mb_default_malloc` is the growth over each implementation's first step in the timing process, "
+        "an indication only). Errors: fused vs released, "
         "max |Δ logits| and the largest relative gradient error over parameters; where affordable, "
         "both implementations' gradient errors against the released form run in float64 "
         "(fp32 is not exact: the released form's own fp32 gradients are the less accurate ones). "
@@ -730,8 +733,8 @@ def markdown(records: list[dict], meta: dict) -> str:
     ]
     for r in summarise(records):
         rel_ms = "OOM" if r["released_oom"] else _fmt(r["released_ms"])
-        rel_mb = "OOM" if r["released_oom"] else _fmt(r["released_mb"]) + _paren(r["released_mb_default"])
-        fus_mb = _fmt(r["fused_mb"]) + _paren(r["fused_mb_default"])
+        rel_mb = "OOM" if r["released_oom"] else _fmt(r["released_mb"])
+        fus_mb = _fmt(r["fused_mb"])
         lines.append(
             f"| {r['method']} | {r['batch']} | {r['classes']} | {r['dtype']} | {rel_ms} | {_fmt(r['fused_ms'])} | "
             f"{_fmt(r['speedup'], '.1f')}× | {_fmt(r['cpu_speedup'], '.1f')}× | {_fmt(r['load'], '.1f')} | "
