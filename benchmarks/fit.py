@@ -9,8 +9,8 @@ same weights (up to float rounding):
   ``no_grad``, as a frozen backbone effectively runs), then the adapter takes
   its step; where the schedule selects on validation accuracy (MMA), the
   validation images go through the encoder after every epoch too.
-- ``cache``: :func:`rada_mma.cache.extract_image_features` encodes the training
-  (and validation) images once, into a cache file, and :func:`rada_mma.train.fit`
+- ``cache``: :func:`rada_mma.fewshot.extract_image_features` encodes the training
+  (and validation) images once, into a cache file, and :func:`rada_mma.fewshot.fit`
   trains on the features, writing its resumable checkpoint every epoch as
   ``rada-mma fit`` does.
 
@@ -55,10 +55,7 @@ Usage, from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -73,12 +70,22 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from rada_mma import wrap
-from rada_mma.cache import encode_class_texts, extract_image_features
-from rada_mma.data import ImageDataset, load_data
-from rada_mma.train import TrainConfig, accuracy, fit, learning_rate, preset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a script: the repository root, for benchmarks.common
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import RESULTS, load_average, machine, write_results  # noqa: E402
+from rada_mma import wrap  # noqa: E402
+from rada_mma.fewshot import (  # noqa: E402
+    ImageDataset,
+    TrainConfig,
+    accuracy,
+    encode_class_texts,
+    extract_image_features,
+    fit,
+    learning_rate,
+    load_data,
+    preset,
+)
+
 TARGETS = {"rada": 4.0, "mma": 50.0}  # the issue's speed-up targets
 
 # Model and data; epochs are the presets' (RAda 5, MMA 200) except in the quick smoke run.
@@ -444,19 +451,6 @@ def run_size(name: str, args: argparse.Namespace) -> dict:
     }
 
 
-def _machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs"
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -540,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json",
         type=Path,
-        default=REPO / "benchmarks" / "results" / "fit_cpu.json",
+        default=RESULTS / "fit_cpu.json",
         help="where the results go (and a .md beside it)",
     )
     parser.add_argument("--methods", nargs="+", default=["rada", "mma"], choices=("rada", "mma"))
@@ -576,24 +570,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = ["quick"] if args.quick else args.size
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     runs = [run_size(name, args) for name in sizes]
     result = {
         "benchmark": "fit",
-        "machine": _machine(),
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "load_before": load_before,
-        "load_after": os.getloadavg()[0],
+        "load_after": load_average(),
         "timed": "from the first image read to the trained adapter; the model, the class texts (encoded once) "
         "and the test evaluation (the same test features for both ways) are not timed",
         "runs": runs,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    args.json.with_suffix(".md").write_text(table)
+    write_results(args.json, result, table)
     print(table)
     return 0
 

@@ -63,7 +63,6 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -73,13 +72,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the released formulation lives with the tests, not the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a script: the repository root, for the imports below
 
-from reference import ReleasedMMA, ReleasedRAda  # noqa: E402
-
+from benchmarks.common import REPO, environment, load_average, write_results  # noqa: E402
 from rada_mma.modules import MultiModalAdapter, RationalMask  # noqa: E402
 from rada_mma.official import to_official  # noqa: E402
+from tests.helpers.reference import ReleasedMMA, ReleasedRAda  # noqa: E402  (the released formulation)
 
 METHODS = ("rada", "mma", "rada+adapter")
 IMPLS = ("released", "fused")
@@ -795,19 +793,6 @@ def plot(records: list[dict], path: Path, title: str) -> bool:
     return True
 
 
-def _machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -868,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     points = plan(args)
     print(f"{len(points)} sizes on {args.device}", file=sys.stderr)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     peak_before = matmul_gflops(device, args.matmul_size)
     records = []
     for spec in points:
@@ -895,17 +880,11 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     peak_after = matmul_gflops(device, args.matmul_size)
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_after = load_average()
     peak = max(
         [peak_before, peak_after] + [r["matmul_gflops_here"] for r in records if r.get("matmul_gflops_here")]
     )
-    meta = dict(
-        device=args.device if device.type == "cpu" else torch.cuda.get_device_name(device),
-        machine=_machine(),
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        machine_matmul_gflops=peak,
-    )
+    meta = dict(environment(device), machine_matmul_gflops=peak)
     for r in records:
         r.update(
             machine_matmul_gflops=round(peak, 1),
@@ -926,9 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(records, meta)
     print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=1) + "\n")
-        args.json.with_suffix(".md").write_text(text)
+        write_results(args.json, records, text)
         plot(
             records,
             args.json.with_suffix(".png"),

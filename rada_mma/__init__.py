@@ -2,82 +2,58 @@
 
 >>> from rada_mma import wrap
 >>> model = wrap(clip_model, method="rada")
+
+The package has three layers, each importing only those below it: this core
+(torch, einops, safetensors), :mod:`rada_mma.fewshot` (data, feature cache,
+training, evaluation: the few-shot protocols) and :mod:`rada_mma.demo` (the
+shipped world CLIP and its tasks); :mod:`rada_mma.cli` is the command line.
+``import rada_mma`` loads the core only.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from ._version import __version__
 from .config import METHODS, AdapterConfig
 from .modules import MMARationalMask, MultiModalAdapter, RationalMask, ResidualAdapter, build_adapter
 from .official import from_official, to_official
 from .serialization import load_adapter, read_adapter_config, save_adapter
-from .train import PRESETS, FitResult, TrainConfig, fit, preset
 from .wrapper import AdaptedCLIP, wrap
 
-__version__ = "0.1.0"
-
-# The data pipeline pulls in torchvision and PIL: imported on first use only.
-_LAZY = {
-    "DATASETS": "templates",
-    "clean_classname": "templates",
-    "find_dataset": "templates",
-    "templates_for": "templates",
-    "ImageDataset": "data",
-    "Item": "data",
-    "Splits": "data",
-    "few_shot": "data",
-    "load_data": "data",
-    "subsample_classes": "data",
-    "Features": "cache",
-    "encode_class_texts": "cache",
-    "extract_image_features": "cache",
-    "load_features": "cache",
-    "save_features": "cache",
-}
+# Names that 0.1 exported from the package root and that now live in the few-shot pipeline.
+_MOVED = frozenset(
+    {
+        "DATASETS", "PRESETS", "Features", "FitResult", "ImageDataset", "Item", "Splits", "TrainConfig",
+        "clean_classname", "encode_class_texts", "extract_image_features", "few_shot", "find_dataset", "fit",
+        "load_data", "load_features", "preset", "save_features", "subsample_classes", "templates_for",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _MOVED:
+        raise AttributeError(
+            f"rada_mma.{name} moved to the few-shot pipeline in rada_mma 0.2: "
+            f"use `from rada_mma.fewshot import {name}`"
+        )
     raise AttributeError(f"module 'rada_mma' has no attribute {name!r}")
 
 
 __all__ = [
-    "DATASETS",
     "METHODS",
-    "PRESETS",
     "AdaptedCLIP",
     "AdapterConfig",
-    "Features",
-    "FitResult",
-    "ImageDataset",
-    "Item",
     "MMARationalMask",
     "MultiModalAdapter",
     "RationalMask",
     "ResidualAdapter",
-    "Splits",
-    "TrainConfig",
     "__version__",
     "build_adapter",
-    "clean_classname",
-    "encode_class_texts",
-    "extract_image_features",
-    "few_shot",
-    "find_dataset",
-    "fit",
     "from_official",
     "load_adapter",
-    "load_data",
-    "load_features",
-    "preset",
     "read_adapter_config",
     "save_adapter",
-    "save_features",
-    "subsample_classes",
-    "templates_for",
     "to_official",
     "wrap",
 ]

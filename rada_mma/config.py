@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METHODS", "AdapterConfig"]
+__all__ = ["METHODS", "AdapterConfig", "option_names"]
 
 # Presets: "rada" (RationalMask), "rada+adapter" (RAda with residual adapters,
 # the paper's best base-to-new variant), "mma" (MMA as in the paper),
@@ -16,6 +16,7 @@ __all__ = ["METHODS", "AdapterConfig"]
 METHODS = ("rada", "rada+adapter", "mma", "mma-master", "mma+rada")
 _RADA_FAMILY = ("rada", "rada+adapter", "mma+rada")
 _MMA_FAMILY = ("mma", "mma-master", "mma+rada")
+_VARIANTS = {"paper": "mma", "master": "mma-master"}
 _SOFTMAXES = ("flat", "row")
 _REGULARIZERS = ("linf", "mse", "l1")
 
@@ -46,9 +47,19 @@ class AdapterConfig:
 
     @classmethod
     def for_method(cls, method: str, dim: int, **options: Any) -> AdapterConfig:
-        """Config for ``method`` at width ``dim`` with the released defaults and ``options``."""
+        """Config for ``method`` at width ``dim`` with the released defaults and ``options``.
+
+        For ``"mma"`` and ``"mma-master"``, whose only attention is MMA's, ``heads``
+        means ``mma_heads`` (as in ``MultiModalAdapter(heads=...)``); ``"mma+rada"``
+        has both, ``heads`` (RAda's) and ``mma_heads``. An option that the method
+        does not use is an error rather than silently ignored.
+        """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method in ("mma", "mma-master") and "heads" in options:
+            if "mma_heads" in options:
+                raise TypeError(f"give heads or mma_heads for {method!r}, not both: they are the same option")
+            options["mma_heads"] = options.pop("heads")
         fields = {f.name for f in dataclasses.fields(cls)} - {"method", "dim"}
         unknown = sorted(set(options) - fields)
         if unknown:
@@ -56,9 +67,42 @@ class AdapterConfig:
                 f"unknown adapter option(s) {unknown} for method {method!r}; "
                 f"known options: {', '.join(sorted(fields))}"
             )
+        unused = sorted(set(options) - set(option_names(method)))
+        if unused:
+            raise TypeError(
+                f"option(s) {unused} do not apply to method {method!r}; its options are "
+                f"{', '.join(option_names(method))}"
+            )
         if method == "rada+adapter":
             options.setdefault("regularizer", "mse")  # the RAda+Adapter trainer's choice
         return cls(method=method, dim=dim, **options)
+
+    @classmethod
+    def from_keywords(cls, family: tuple[str, ...], options: dict[str, Any]) -> AdapterConfig:
+        """A module's keyword arguments (``RationalMask(dim=512, heads=8)``) as a config.
+
+        ``method`` picks a member of ``family`` (default: its first). Two
+        spellings read better on a module and map onto the method:
+        ``adapter_reduction=r`` is ``method="rada+adapter", reduction=r``, and
+        ``variant="paper"|"master"`` is ``method="mma"|"mma-master"``.
+        """
+        options = dict(options)
+        method = options.pop("method", family[0])
+        reduction = options.pop("adapter_reduction", None)
+        if reduction is not None:
+            method, options["reduction"] = "rada+adapter", reduction
+        variant = options.pop("variant", None)
+        if variant is not None:
+            if variant not in _VARIANTS:
+                raise ValueError(f"variant must be 'paper' or 'master', got {variant!r}")
+            method = _VARIANTS[variant]
+        if method not in family:
+            raise ValueError(f"this module builds {' or '.join(map(repr, family))}, not {method!r}")
+        if "dim" not in options:
+            raise TypeError("give dim=<embedding width D>, e.g. dim=512 for ViT-B/16")
+        if options.get("bottleneck") is None:
+            options.pop("bottleneck", None)
+        return cls.for_method(method, options.pop("dim"), **options)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -93,22 +137,19 @@ class AdapterConfig:
         """MMA's down-sampled width ``d`` (``D / 4`` unless ``bottleneck`` is set)."""
         return self.bottleneck or self.dim // 4
 
+    @property
+    def variant(self) -> str:
+        """MMA's variant: ``"master"`` for ``"mma-master"``, else ``"paper"``."""
+        return "master" if self.method == "mma-master" else "paper"
+
     def forward_fields(self) -> tuple[str, ...]:
         """The fields that shape the parameters or the logits of this method.
 
         ``alpha`` and ``regularizer`` only enter the training loss, and fields of
         the other family are ignored by the method.
         """
-        names = ["method", "dim"]
-        if self.method in _RADA_FAMILY:
-            names += ["heads", "temperature", "softmax"]
-        if self.method == "rada+adapter":
-            names.append("reduction")
-        if self.method in _MMA_FAMILY:
-            names += ["bottleneck", "mma_heads", "blend"]
-        if self.method == "mma-master":
-            names.append("hidden")
-        return tuple(names)
+        training_only = ("alpha", "regularizer")
+        return ("method", "dim", *(n for n in option_names(self.method) if n not in training_only))
 
     @property
     def has_mask(self) -> bool:
@@ -129,6 +170,20 @@ class AdapterConfig:
                 "rada_mma; upgrade rada_mma to read it"
             )
         return cls(**data)
+
+
+def option_names(method: str) -> tuple[str, ...]:
+    """The options (config fields besides ``method`` and ``dim``) that ``method`` uses."""
+    names = []
+    if method in _RADA_FAMILY:
+        names += ["heads", "temperature", "softmax", "regularizer", "alpha"]
+    if method == "rada+adapter":
+        names.append("reduction")
+    if method in _MMA_FAMILY:
+        names += ["bottleneck", "mma_heads", "blend"]
+    if method == "mma-master":
+        names.append("hidden")
+    return tuple(names)
 
 
 def _divides(parts: int, whole: int, name: str, what: str) -> None:

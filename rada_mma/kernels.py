@@ -2,7 +2,7 @@
 
 Every formula of the package lives here; the modules only hold parameters and
 call these functions. Each computes exactly what the authors' released code
-computes (see ``METHODS.md``), through algebraically equal forms that never
+computes (see ``docs/methods.md``), through algebraically equal forms that never
 build RAda's ``(B, heads, K, K)`` attention maps nor MMA's ``(K + 1)``-token
 sequence per image. Extra memory is ``O(B·K·D)`` in forward and backward.
 
@@ -37,6 +37,7 @@ __all__ = [
     "rada_mask",
     "regularizer",
     "residual_adapter",
+    "row_attention_with_lse",
 ]
 
 # Elements of one (B, heads, chunk, K) score block of the portable (chunked)
@@ -214,6 +215,21 @@ def _use_flash(x: Tensor) -> bool:
     return FLASH_CPU and x.device.type == "cpu" and x.dtype in _FLASH_DTYPES
 
 
+def row_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float, chunk: int) -> tuple[Tensor, Tensor]:
+    """The portable attention path: ``softmax(q kᵀ · scale) v`` and each row's log-sum-exp.
+
+    Args:
+        q: ``(B, H, K, c)`` queries (a broadcast view is fine).
+        k, v: ``(B, H, J, c)`` keys and values.
+        scale: multiplies the scores.
+        chunk: query rows per block; backward recomputes each block, so no ``(K, J)`` map is stored.
+
+    Returns:
+        ``(B, H, K, c)`` outputs and ``(B, H, K)`` log-sum-exps.
+    """
+    return _RowAttentionWithLSE.apply(q, k, v, scale, chunk)
+
+
 def _query_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, softmax: str, chunk: int, padded: bool
 ) -> Tensor:
@@ -227,11 +243,11 @@ def _query_attention(
     if softmax == "row":  # no log-sum-exp needed: PyTorch's own fused attention where it has one
         if _use_flash(q):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return _RowAttentionWithLSE.apply(q, k, v, scale, chunk)[0]
+        return row_attention_with_lse(q, k, v, scale=scale, chunk=chunk)[0]
     if padded:
         o, lse = _FlashAttentionCPU.apply(q, k, v, scale)  # (B, H, K, c + 1), (B, H, K)
     else:
-        o, lse = _RowAttentionWithLSE.apply(q, k, v, scale, chunk)  # (B, H, K, c), (B, H, K)
+        o, lse = row_attention_with_lse(q, k, v, scale=scale, chunk=chunk)  # (B, H, K, c), (B, H, K)
     weight = torch.softmax(lse, dim=-1) * q.shape[-2]  # (B, H, K): K · exp(lse_q − L)
     return o * weight.unsqueeze(-1).to(o.dtype)
 

@@ -9,7 +9,9 @@ and works alone on cached features, or inside :func:`rada_mma.wrap`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,19 @@ def _uniform_linear(layer: nn.Linear, generator: torch.Generator | None) -> None
     nn.init.uniform_(layer.weight, -bound, bound, generator=generator)
     if layer.bias is not None:
         nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+def _module_config(config: AdapterConfig | None, options: dict[str, Any], family: tuple[str, ...]) -> AdapterConfig:
+    """A module's config: given whole, or built from its keyword options."""
+    if config is None:
+        return AdapterConfig.from_keywords(family, options)
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}; or pass keyword options")
+    if options:
+        raise TypeError(f"pass either config= or keyword options, not both (got {sorted(options)})")
+    if config.method not in family:
+        raise ValueError(f"this module builds {' or '.join(map(repr, family))}, not {config.method!r}")
+    return config
 
 
 def _pair(layer: nn.Linear) -> tuple[Tensor, Tensor]:
@@ -202,16 +217,18 @@ class RationalMask(_Adapter):
     zero, so training starts exactly at zero-shot CLIP. Logits are
     ``s · Σ_d M ⊙ f̂ ⊙ ĥ``.
 
+    Build it from an :class:`AdapterConfig` (method ``"rada"`` or
+    ``"rada+adapter"``) or from the config's fields as keywords; see
+    :class:`AdapterConfig` for each option and its released default.
+
     Args:
-        dim: embedding width D.
-        heads: attention heads (D / heads each), 8 as released.
-        temperature: τ dividing the attention scores.
-        softmax: ``"flat"`` (released: one softmax over a head's whole K×K
-            map, times K) or ``"row"`` (textbook).
-        regularizer, alpha: ``alpha · reg(M, 1)`` from :meth:`regularization`;
-            ``regularizer`` defaults to ``"linf"`` (``"mse"`` with adapters), as released.
-        adapter_reduction: if set, residual adapters (``D → D/r → D``) adapt
-            both features before normalisation: the "rada+adapter" preset.
+        config: the whole configuration; or, instead, keyword options:
+            ``dim`` (required), ``heads``, ``temperature``, ``softmax``
+            (``"flat"`` as released, or ``"row"``), ``regularizer``, ``alpha``,
+            and ``adapter_reduction=r`` for residual adapters ``D → D/r → D``
+            on both features (the ``"rada+adapter"`` method).
+        chunk_elements: block size of the portable attention kernel (memory, not results).
+        generator: draws the initial weights.
 
     Example:
         >>> mask = RationalMask(dim=512)
@@ -222,39 +239,25 @@ class RationalMask(_Adapter):
 
     def __init__(
         self,
+        config: AdapterConfig | None = None,
         *,
-        dim: int,
-        heads: int = 8,
-        temperature: float = 1.0,
-        softmax: str = "flat",
-        regularizer: str | None = None,
-        alpha: float = 0.0,
-        adapter_reduction: int | None = None,
         chunk_elements: int = kernels.DEFAULT_CHUNK_ELEMENTS,
         generator: torch.Generator | None = None,
+        **options: Any,
     ):
         super().__init__()
-        self.config = AdapterConfig(
-            method="rada" if adapter_reduction is None else "rada+adapter",
-            dim=dim,
-            heads=heads,
-            temperature=temperature,
-            softmax=softmax,
-            # as the released trainers: L∞ for plain RAda, MSE for RAda+Adapter
-            regularizer=regularizer or ("linf" if adapter_reduction is None else "mse"),
-            alpha=alpha,
-            reduction=adapter_reduction or 4,
-        )
+        self.config = _module_config(config, options, ("rada", "rada+adapter"))
+        dim = self.config.dim
         self.chunk_elements = chunk_elements
         self.query_image = nn.Linear(dim, dim)
         self.query_text = nn.Linear(dim, dim)
         self.to_qkv_rational = nn.Linear(dim, 3 * dim)  # rational query, key, value stacked
         self.to_out = nn.Linear(dim, dim)
-        if adapter_reduction is None:
+        if self.config.method == "rada":
             self.image_adapter = self.text_adapter = None
         else:
-            self.image_adapter = ResidualAdapter(dim=dim, reduction=adapter_reduction)
-            self.text_adapter = ResidualAdapter(dim=dim, reduction=adapter_reduction)
+            self.image_adapter = ResidualAdapter(dim=dim, reduction=self.config.reduction)
+            self.text_adapter = ResidualAdapter(dim=dim, reduction=self.config.reduction)
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -311,15 +314,16 @@ class MultiModalAdapter(_Adapter):
     outputs are blended back: ``norm(λ·norm(a) + (1 − λ)·x)``.
 
     Args:
-        dim: embedding width D.
-        bottleneck: down-sampled width d (default ``D / 4``).
-        heads: attention heads over d (4 as released).
-        blend: λ (0.2 as released).
-        variant: ``"paper"``: texts see only the image and the image only the
-            texts. ``"master"``: the earlier release: two-layer down/up maps
+        config: an :class:`AdapterConfig` of method ``"mma"`` or ``"mma-master"``;
+            or, instead, keyword options: ``dim`` (required), ``bottleneck``
+            (d, default ``D / 4``), ``heads`` (MMA's heads over d, 4 as released;
+            the config calls it ``mma_heads``), ``blend`` (λ, 0.2), ``variant``
+            and ``hidden``. ``variant="paper"``: texts see only the image and the
+            image only the texts; ``"master"``: the earlier release (method
+            ``"mma-master"``): two-layer down/up maps of inner width ``hidden``
             (GELU inside ``up``), every token sees every token, +1 added to
             cross-modal scores.
-        hidden: inner width of the ``"master"`` down/up maps.
+        generator: draws the initial weights.
 
     Example:
         >>> mma = MultiModalAdapter(dim=512)
@@ -329,29 +333,15 @@ class MultiModalAdapter(_Adapter):
 
     def __init__(
         self,
+        config: AdapterConfig | None = None,
         *,
-        dim: int,
-        bottleneck: int | None = None,
-        heads: int = 4,
-        blend: float = 0.2,
-        variant: str = "paper",
-        hidden: int = 32,
         generator: torch.Generator | None = None,
+        **options: Any,
     ):
         super().__init__()
-        if variant not in ("paper", "master"):
-            raise ValueError(f"variant must be 'paper' or 'master', got {variant!r}")
-        self.config = AdapterConfig(
-            method="mma" if variant == "paper" else "mma-master",
-            dim=dim,
-            bottleneck=bottleneck or 0,
-            mma_heads=heads,
-            blend=blend,
-            hidden=hidden,
-        )
-        self.variant = variant
-        n = self.config.mma_width
-        if variant == "paper":
+        self.config = _module_config(config, options, ("mma", "mma-master"))
+        dim, n, hidden = self.config.dim, self.config.mma_width, self.config.hidden
+        if self.variant == "paper":
             self.down = nn.Linear(dim, n)
             self.up = nn.Linear(n, dim)
         else:
@@ -360,6 +350,11 @@ class MultiModalAdapter(_Adapter):
         self.to_qkv = nn.Linear(n, 3 * n)  # nn.MultiheadAttention's packed in_proj
         self.to_out = nn.Linear(n, n)  # its out_proj
         self.reset_parameters(generator)
+
+    @property
+    def variant(self) -> str:
+        """``"paper"`` (``"mma"``) or ``"master"`` (``"mma-master"``)."""
+        return self.config.variant
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for layer in self.modules():
@@ -421,49 +416,18 @@ class MMARationalMask(_Adapter):
     The MMA-adapted text features differ per image (``h'_{b,k}``), so the mask
     attention runs with per-image text queries; memory stays ``O(B·K·D)``.
     With the mask at its initial value 1 this is exactly MMA.
+
+    Built from an :class:`AdapterConfig` of method ``"mma+rada"`` or its fields
+    as keywords (``heads`` is RAda's, ``mma_heads`` MMA's).
     """
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        heads: int = 8,
-        temperature: float = 1.0,
-        softmax: str = "flat",
-        regularizer: str = "linf",
-        alpha: float = 0.0,
-        bottleneck: int | None = None,
-        mma_heads: int = 4,
-        blend: float = 0.2,
-        chunk_elements: int = kernels.DEFAULT_CHUNK_ELEMENTS,
-        generator: torch.Generator | None = None,
-    ):
+    def __init__(self, config: AdapterConfig | None = None, *, generator: torch.Generator | None = None, **options: Any):
         super().__init__()
-        self.mma = MultiModalAdapter(
-            dim=dim, bottleneck=bottleneck, heads=mma_heads, blend=blend, generator=generator
-        )
-        self.rada = RationalMask(
-            dim=dim,
-            heads=heads,
-            temperature=temperature,
-            softmax=softmax,
-            regularizer=regularizer,
-            alpha=alpha,
-            chunk_elements=chunk_elements,
-            generator=generator,
-        )
-        self.config = AdapterConfig(
-            method="mma+rada",
-            dim=dim,
-            heads=heads,
-            temperature=temperature,
-            softmax=softmax,
-            regularizer=regularizer,
-            alpha=alpha,
-            bottleneck=bottleneck or 0,
-            mma_heads=mma_heads,
-            blend=blend,
-        )
+        # the RAda part's block size, as RationalMask(chunk_elements=...) takes it
+        chunk = {"chunk_elements": options.pop("chunk_elements")} if "chunk_elements" in options else {}
+        self.config = _module_config(config, options, ("mma+rada",))
+        self.mma = MultiModalAdapter(dataclasses.replace(self.config, method="mma"), generator=generator)
+        self.rada = RationalMask(dataclasses.replace(self.config, method="rada"), generator=generator, **chunk)
 
     def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         f, h = kernels.normalize(image), kernels.normalize(text)
@@ -473,20 +437,15 @@ class MMARationalMask(_Adapter):
         return kernels.rada_logits(mask, f2, h2, scale), mask
 
 
+_MODULES: dict[str, type[_Adapter]] = {
+    "rada": RationalMask,
+    "rada+adapter": RationalMask,
+    "mma": MultiModalAdapter,
+    "mma-master": MultiModalAdapter,
+    "mma+rada": MMARationalMask,
+}
+
+
 def build_adapter(config: AdapterConfig, *, generator: torch.Generator | None = None) -> _Adapter:
     """The feature-level module for ``config`` (see :class:`rada_mma.AdapterConfig`)."""
-    c = config
-    rada = dict(
-        heads=c.heads, temperature=c.temperature, softmax=c.softmax, regularizer=c.regularizer, alpha=c.alpha
-    )
-    if c.method == "rada":
-        return RationalMask(dim=c.dim, **rada, generator=generator)
-    if c.method == "rada+adapter":
-        return RationalMask(dim=c.dim, **rada, adapter_reduction=c.reduction, generator=generator)
-    mma = dict(bottleneck=c.bottleneck or None, blend=c.blend)
-    if c.method in ("mma", "mma-master"):
-        variant = "paper" if c.method == "mma" else "master"
-        return MultiModalAdapter(
-            dim=c.dim, heads=c.mma_heads, variant=variant, hidden=c.hidden, **mma, generator=generator
-        )
-    return MMARationalMask(dim=c.dim, **rada, mma_heads=c.mma_heads, **mma, generator=generator)
+    return _MODULES[config.method](config, generator=generator)

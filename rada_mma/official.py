@@ -142,8 +142,6 @@ def from_official(method: str, state_dict: Any, *, strict: bool = True, **option
             down = find("adapter.downsampler.0.weight")
             sizes = {"bottleneck": in_proj.shape[1], "hidden": down.shape[0]}
         dim = down.shape[1]
-        if "heads" in options:
-            options["mma_heads"] = options.pop("heads")
     config = AdapterConfig.for_method(method, dim, **sizes, **options)
     module = build_adapter(config)
     ours: dict[str, Tensor] = {k: find(v) for k, v in _official_names(method).items()}

@@ -8,15 +8,15 @@ the :class:`~rada_mma.AdapterConfig` (method, sizes, options, embedding width).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ._version import __version__
 from .config import AdapterConfig
+from .io import save_safetensors
 from .modules import build_adapter
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_adapter", "read_adapter_config", "save_adapter"]
@@ -25,19 +25,14 @@ FORMAT = "rada_mma.adapter"
 FORMAT_VERSION = "1"  # bump when names or layout of saved tensors change
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def save_adapter(
     module: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, metadata: dict[str, str] | None = None
 ) -> Path:
     """Write ``module``'s tensors and configuration to a safetensors file.
 
     The file is written to a temporary name beside ``path`` and renamed into
-    place, so an interrupted save never leaves a half-written file.
+    place (:func:`rada_mma.io.atomic_write`), so an interrupted save never leaves
+    a half-written file; the same adapter and metadata always give the same bytes.
 
     Args:
         module: a rada_mma adapter (anything :func:`rada_mma.build_adapter` makes).
@@ -51,41 +46,18 @@ def save_adapter(
     config = getattr(module, "config", None)
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"save_adapter takes a rada_mma adapter module, got {type(module).__name__}")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
-    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in module.state_dict().items()}
+    tensors = dict(module.state_dict())
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "rada_mma_version": _version(),
+        "rada_mma_version": __version__,
         "method": config.method,
         "dim": str(config.dim),
         "config": config.to_json(),
     }
     for key, value in (metadata or {}).items():
         meta[f"user.{key}"] = str(value)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files; a saved adapter is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _default_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open()`` would give a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return save_safetensors(path, tensors, meta, overwrite=overwrite)
 
 
 def _open(path: Path):
@@ -117,7 +89,7 @@ def _config_from_metadata(meta: dict[str, str], path: Path) -> AdapterConfig:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} uses adapter format version {meta.get('format_version')!r} (written by rada_mma "
-            f"{meta.get('rada_mma_version')}), this rada_mma ({_version()}) reads version {FORMAT_VERSION!r}; "
+            f"{meta.get('rada_mma_version')}), this rada_mma ({__version__}) reads version {FORMAT_VERSION!r}; "
             "install the rada_mma version that wrote it"
         )
     if "config" not in meta:

@@ -1,0 +1,63 @@
+"""The few-shot pipeline: data, feature cache, training, evaluation, and the protocols that use them.
+
+Built on the core (:func:`rada_mma.wrap` and the adapter modules), never the
+other way round:
+
+- :mod:`.data`, :mod:`.datasets`: datasets on disk (ImageFolder, CoOp splits,
+  torch datasets), the seeded few-shot draw, base-to-new; the 11 benchmarks'
+  templates and class-name fixes;
+- :mod:`.cache`: every image encoded once into a fingerprinted feature cache;
+- :mod:`.train`: :func:`fit` on cached features with each method's preset;
+- :mod:`.evaluation`, :mod:`.plots`: result rows, tables, pictures;
+- :mod:`.protocol`: whole runs from a :class:`RunSpec`;
+- :mod:`.distributed`, :mod:`.models`: ``torchrun`` and CLIP loading.
+
+>>> from rada_mma.fewshot import RunSpec, run_base_to_new
+>>> rows = run_base_to_new(RunSpec(data="~/data/dtd", out="runs/dtd-rada", model="ViT-B-16", pretrained="openai"))
+"""
+
+from __future__ import annotations
+
+from .cache import Features, encode_class_texts, extract_image_features, load_features, save_features
+from .data import ImageDataset, Item, Splits, few_shot, load_data, subsample_classes
+from .datasets import DATASETS, clean_classname, find_dataset, templates_for
+from .evaluation import harmonic_mean, markdown_table, read_results, summarize, write_results
+from .models import load_clip
+from .protocol import FeatureStore, RunSpec, extract, run_base_to_new, run_grid
+from .train import PRESETS, FitResult, TrainConfig, accuracy, fit, learning_rate, preset
+
+__all__ = [
+    "DATASETS",
+    "PRESETS",
+    "FeatureStore",
+    "Features",
+    "FitResult",
+    "ImageDataset",
+    "Item",
+    "RunSpec",
+    "Splits",
+    "TrainConfig",
+    "accuracy",
+    "clean_classname",
+    "encode_class_texts",
+    "extract",
+    "extract_image_features",
+    "few_shot",
+    "find_dataset",
+    "fit",
+    "harmonic_mean",
+    "learning_rate",
+    "load_clip",
+    "load_data",
+    "load_features",
+    "markdown_table",
+    "preset",
+    "read_results",
+    "run_base_to_new",
+    "run_grid",
+    "save_features",
+    "subsample_classes",
+    "summarize",
+    "templates_for",
+    "write_results",
+]

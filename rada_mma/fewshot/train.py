@@ -1,0 +1,385 @@
+"""Training an adapter on cached features: presets, schedule, early stopping, resumable checkpoints.
+
+Both methods touch only the final embeddings, so training never needs the
+encoders: :func:`fit` runs on :class:`rada_mma.fewshot.Features` through
+``AdaptedCLIP.logits_from_features``. Model selection uses the validation
+split only. Under ``torchrun`` each rank takes its share of every batch and
+gradients are summed, which equals one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import METHODS
+from ..io import save_torch
+from ..wrapper import AdaptedCLIP
+from .distributed import all_reduce_grads, all_reduce_sum, barrier, rank_world
+
+__all__ = ["CHOICES", "PRESETS", "FitResult", "TrainConfig", "accuracy", "fit", "learning_rate", "preset"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+# the values the string fields of TrainConfig take
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("cosine", "constant"),
+    "select": ("last", "best_val"),
+}
+
+
+def _option(help: str, **default: Any) -> Any:
+    """A TrainConfig field with its help text (the command line's flags are made from these)."""
+    return field(metadata={"help": help}, **default)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How an adapter is trained. :func:`preset` gives each method's released defaults."""
+
+    epochs: int = _option("training epochs (the most, with early stopping)")
+    batch_size: int = _option("images per optimiser step")
+    lr: float = _option("learning rate after the warm-up")
+    optimizer: str = _option("optimiser", default="adam")
+    weight_decay: float = _option("weight decay (L2, as torch's optimisers apply it)", default=0.0)
+    momentum: float = _option("SGD momentum (sgd only)", default=0.9)
+    schedule: str = _option(
+        "per-epoch learning-rate schedule: Dassl's cosine over `epochs` epochs, or constant", default="cosine"
+    )
+    warmup_epochs: int = _option("epochs at warmup_lr before the schedule starts (Dassl's constant warm-up)", default=0)
+    warmup_lr: float = _option("learning rate of the warm-up epochs", default=1e-5)
+    patience: int = _option("stop after this many epochs without a better validation accuracy; 0: never", default=0)
+    select: str = _option("weights to keep: the last epoch's, or the best validation epoch's (never test)", default="last")
+    seed: int = _option("seed of the batch order and view draws", default=1)
+    amp: bool = _option("bf16 autocast when training on CUDA", default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+        if self.warmup_epochs < 0 or self.patience < 0:
+            raise ValueError("warmup_epochs and patience must be >= 0")
+
+
+# The released set-ups (docs/methods.md). RAda: 5 epochs, cosine with one warm-up
+# epoch, batch 32, Adam; the YAML's lr of 5e-5 was overridden by the launch
+# scripts with values that were not released, so lr is ours (set it with lr=).
+# MMA: Adam 5e-3, weight decay 1e-4, batch 256, up to 200 epochs, early stopping
+# on validation accuracy with patience 20.
+_RADA = TrainConfig(epochs=5, batch_size=32, lr=1e-3, schedule="cosine", warmup_epochs=1)
+_MMA = TrainConfig(
+    epochs=200, batch_size=256, lr=5e-3, weight_decay=1e-4, schedule="constant", patience=20, select="best_val"
+)
+PRESETS: dict[str, TrainConfig] = {
+    "rada": _RADA,
+    "rada+adapter": _RADA,
+    "mma+rada": _RADA,
+    "mma": _MMA,
+    "mma-master": _MMA,
+}
+
+
+def preset(method: str, **overrides: Any) -> TrainConfig:
+    """The released training set-up of ``method`` with ``overrides`` applied."""
+    if method not in PRESETS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown training option(s) {unknown}; known: {', '.join(sorted(fields))}")
+    return dataclasses.replace(PRESETS[method], **overrides)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did: per-epoch history and the selected epoch."""
+
+    # one record per epoch: epoch, lr, train_loss (mean over the epoch's images), val_acc (with a val split)
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1  # the epoch whose weights the model holds (the last one for select="last")
+    best_val: float = float("nan")  # the highest validation accuracy seen (NaN without a val split)
+    stopped_early: bool = False
+
+
+@torch.no_grad()
+def accuracy(model: AdaptedCLIP, image_features: Tensor, labels: Tensor, *, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent of ``model`` on raw image features ``(N, D)`` (or ``(N, V, D)``: view 0)."""
+    if image_features.dim() == 3:
+        image_features = image_features[:, 0]
+    if image_features.shape[0] == 0:
+        raise ValueError("no features to evaluate: the split is empty")
+    device = next(model.adapter.parameters()).device
+    correct = 0
+    for start in range(0, image_features.shape[0], batch_size):
+        feats = image_features[start : start + batch_size].to(device)
+        pred = model.logits_from_features(feats).argmax(-1).cpu()
+        correct += int((pred == labels[start : start + batch_size]).sum())
+    return 100.0 * correct / image_features.shape[0]
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (from 0), as Dassl's scheduler gives it to the released trainers.
+
+    The first ``warmup_epochs`` epochs run at ``warmup_lr``; then ``"cosine"``
+    is ``CosineAnnealingLR(T_max=epochs)`` counted from the end of the warm-up
+    (Dassl's default ``WARMUP_RECOUNT``): ``lr · (1 + cos(π·(epoch − warmup)/epochs)) / 2``.
+    So RAda's preset (5 epochs, 1 warm-up) runs at 1e-5, then lr × 1, 0.905, 0.655, 0.345.
+
+    Example:
+        >>> [round(learning_rate(preset("rada", lr=1.0), e), 4) for e in range(1, 5)]
+        [1.0, 0.9045, 0.6545, 0.3455]
+    """
+    c = config
+    if epoch < c.warmup_epochs:
+        return c.warmup_lr
+    if c.schedule == "constant":
+        return c.lr
+    return 0.5 * c.lr * (1 + math.cos(math.pi * (epoch - c.warmup_epochs) / c.epochs))
+
+
+def _optimizer(params: list[torch.nn.Parameter], c: TrainConfig) -> torch.optim.Optimizer:
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=c.lr, weight_decay=c.weight_decay)
+
+
+def _check_split(name: str, features: Tensor, labels: Tensor, classes: int) -> None:
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise TypeError(f"{name}_labels must be a 1-d integer tensor of class indices")
+    if features.dim() not in (2, 3) or features.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{name}_features must be (N, D) or (N, V, D) with N = len({name}_labels) = {labels.shape[0]}, "
+            f"got {tuple(features.shape)}"
+        )
+    if labels.numel() == 0:
+        raise ValueError(f"the {name} split is empty; give at least one {name} image")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise ValueError(
+            f"{name} labels span [{low}, {high}] but the model has {classes} classes set; call set_classes with "
+            "the training classes first"
+        )
+
+
+def _check_inputs(model: AdaptedCLIP, c: TrainConfig, train: tuple[Tensor, Tensor], val: tuple | None) -> None:
+    _check_split("train", *train, model.num_classes)
+    if val is not None:
+        _check_split("val", *val, model.num_classes)
+    elif c.patience or c.select == "best_val":
+        raise ValueError(
+            f"config uses the validation split (patience={c.patience}, select={c.select!r}) but none was "
+            "given; pass val_features/val_labels or set patience=0, select='last'"
+        )
+
+
+def _run_key(model: AdaptedCLIP, train_labels: Tensor, c: TrainConfig, fingerprint: str) -> str:
+    """What a checkpoint must agree on to be resumed: config, adapter, classes, data."""
+    return json.dumps(
+        {
+            "train": dataclasses.asdict(c),
+            "adapter": model.adapter.config.to_json(),
+            "classes": model.num_classes,
+            "n": int(train_labels.numel()),
+            "data": fingerprint,
+        },
+        sort_keys=True,
+    )
+
+
+class _Run:
+    """One training run's state: what a checkpoint holds, and the steps of :func:`fit`."""
+
+    def __init__(self, model: AdaptedCLIP, c: TrainConfig, key: str, out: Path | None):
+        self.model, self.config, self.key, self.out = model, c, key, out
+        self.rank, self.world = rank_world()
+        self.device = next(model.adapter.parameters()).device
+        self.params = model.trainable_parameters()
+        self.optimizer = _optimizer(self.params, c)
+        self.generator = torch.Generator().manual_seed(c.seed)
+        self.result = FitResult()
+        self.best_state: dict[str, Tensor] | None = None
+        self.start_epoch = self.bad_epochs = 0
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from ``out/checkpoint.pt`` when it belongs to this run; another run's is an error."""
+        path = self.out / CHECKPOINT
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises pickle, zip and runtime errors for a damaged file
+            raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}); delete it to start over") from err
+        if not isinstance(ckpt, dict) or ckpt.get("key") != self.key:
+            raise ValueError(
+                f"{path} belongs to another run (other config, classes or data); "
+                "use another out_dir, or delete the checkpoint to start over"
+            )
+        self.model.adapter.load_state_dict(ckpt["adapter"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.generator.set_state(ckpt["generator"])
+        self.best_state = ckpt["best_state"] or None
+        self.result = FitResult(**ckpt["result"])
+        self.start_epoch, self.bad_epochs = ckpt["epoch"] + 1, ckpt["bad_epochs"]
+        log.info("resuming from %s at epoch %d", path, self.start_epoch)
+
+    def checkpoint(self, epoch: int) -> None:
+        """Write the state after ``epoch`` atomically (rank 0), so that a killed run loses one epoch at most."""
+        if self.out is not None and self.rank == 0:
+            state = {
+                "key": self.key,
+                "epoch": epoch,
+                "bad_epochs": self.bad_epochs,
+                "adapter": self.model.adapter.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "best_state": self.best_state or {},
+                "result": dataclasses.asdict(self.result),
+            }
+            save_torch(self.out / CHECKPOINT, state)
+        barrier()
+
+    # -- epochs -----------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, features: Tensor, labels: Tensor) -> dict[str, float]:
+        """One pass over the training images in a seeded order; the epoch's record."""
+        c, model, device = self.config, self.model, self.device
+        lr = learning_rate(c, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        n = labels.shape[0]
+        order = torch.randperm(n, generator=self.generator)
+        views = torch.randint(features.shape[1], (n,), generator=self.generator) if features.dim() == 3 else None
+        total = torch.zeros(2, dtype=torch.float64)  # summed loss, images
+        use_amp = c.amp and device.type == "cuda"
+        for start in range(0, n, c.batch_size):
+            batch = order[start : start + c.batch_size]
+            local = batch[self.rank :: self.world]  # every rank takes its share of the same global batch
+            if len(local):
+                feats = features[local] if views is None else features[local, views[local]]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model.logits_from_features(feats.to(device))
+                    loss = F.cross_entropy(logits.float(), labels[local].to(device)) + model.regularization()
+                # mean over the global batch = sum over ranks of local means weighted by their share
+                (loss * (len(local) / len(batch))).backward()
+                total += torch.tensor([float(loss.detach()) * len(local), len(local)], dtype=torch.float64)
+            if self.world > 1:
+                all_reduce_grads(self.params)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            total = all_reduce_sum(total, device)
+        model.eval()
+        return {"epoch": epoch, "lr": lr, "train_loss": float(total[0] / total[1])}
+
+    def validate(self, record: dict[str, float], features: Tensor, labels: Tensor) -> None:
+        """Validation accuracy into ``record``; keeps the best weights and counts epochs without progress."""
+        record["val_acc"] = accuracy(self.model, features, labels)
+        result = self.result
+        if not record["val_acc"] <= result.best_val:  # first epoch, or better (NaN-safe)
+            result.best_val, result.best_epoch, self.bad_epochs = record["val_acc"], record["epoch"], 0
+            self.best_state = {k: v.detach().clone() for k, v in self.model.adapter.state_dict().items()}
+            return
+        self.bad_epochs += 1
+        if self.config.patience and self.bad_epochs >= self.config.patience:
+            result.stopped_early = True
+            log.info("early stop after epoch %d: no better validation accuracy for %d epochs", record["epoch"], self.bad_epochs)
+
+    def select(self) -> FitResult:
+        """Load the weights ``config.select`` asks for; the result."""
+        if self.config.select == "best_val" and self.best_state is not None:
+            self.model.adapter.load_state_dict(self.best_state)
+        elif self.config.select == "last":
+            self.result.best_epoch = self.result.history[-1]["epoch"] if self.result.history else -1
+        self.model.eval()
+        return self.result
+
+
+def fit(
+    model: AdaptedCLIP,
+    train_features: Tensor,
+    train_labels: Tensor,
+    *,
+    config: TrainConfig,
+    val_features: Tensor | None = None,
+    val_labels: Tensor | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    data_fingerprint: str = "",
+) -> FitResult:
+    """Train ``model``'s adapter on cached image features for its current classes.
+
+    Each epoch visits the training images in a seeded random order, in batches
+    of ``config.batch_size``; the learning rate follows :func:`learning_rate`.
+    The result depends only on the inputs and ``config`` (``seed`` included):
+    the same call gives the same weights, and so does a run interrupted and
+    resumed from ``out_dir``.
+
+    Args:
+        model: a wrapped CLIP with its (training) classes set.
+        train_features: raw image embeddings ``(N, D)``, or ``(N, V, D)`` with V
+            augmented views (each epoch draws one view per image, seeded).
+        train_labels: ``(N,)`` class indices into the model's classes.
+        config: see :func:`preset`.
+        val_features, val_labels: the validation split ``(M, D)``, ``(M,)``, for
+            early stopping and ``select="best_val"``; there is no test argument:
+            the test split never enters training or model selection.
+        out_dir: where ``checkpoint.pt`` is written after every epoch
+            (atomically, rank 0 only); an interrupted run resumes from it,
+            losing only the epoch it was in.
+        resume: continue from a matching checkpoint in ``out_dir``; a checkpoint
+            of another configuration or data is an error, never silently used.
+        progress: show a progress bar (rank 0 only).
+        data_fingerprint: identifies the training data (e.g. the cache's fingerprint).
+
+    Returns:
+        :class:`FitResult`; the model holds the selected weights.
+
+    Example:
+        >>> model.set_classes(text_features=base_text)
+        >>> result = fit(model, train.image, train.labels, config=preset("mma"),
+        ...              val_features=val.image, val_labels=val.labels, out_dir="runs/pets-mma")
+    """
+    if (val_features is None) != (val_labels is None):
+        raise ValueError("give both val_features and val_labels, or neither")
+    val = None if val_features is None else (val_features, val_labels)
+    _check_inputs(model, config, (train_features, train_labels), val)
+    out = Path(out_dir) if out_dir is not None else None
+    run = _Run(model, config, _run_key(model, train_labels, config, data_fingerprint), out)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and (out / CHECKPOINT).exists():
+            run.resume()
+    epochs = range(run.start_epoch, config.epochs)
+    if progress and run.rank == 0:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc=f"fit {model.adapter.config.method}", initial=run.start_epoch, total=config.epochs)
+    for epoch in epochs:
+        if run.result.stopped_early:
+            break
+        record = run.train_epoch(epoch, train_features, train_labels)
+        if val is not None:
+            run.validate(record, *val)
+        run.result.history.append(record)
+        run.checkpoint(epoch)
+    return run.select()

@@ -1,0 +1,312 @@
+"""The rada-mma command, run in-process on a tiny open_clip architecture (a JSON config
+and a weights file written here) and tiny ImageFolder datasets of generated PNGs.
+
+Every command runs for real: extract, fit, eval, bench; each error a user will meet
+ends with exit status 2 and one line on stderr saying what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from rada_mma.cli import main
+from rada_mma.fewshot import data
+from rada_mma.fewshot.cache import extract_image_features, load_features
+from rada_mma.fewshot.evaluation import harmonic_mean, read_results
+from rada_mma.fewshot.train import accuracy
+
+CLASSES = ("red_apple", "green_leaf", "blue_sky", "black_cat")  # sorted: black cat, blue sky | green leaf, red apple
+COUNTS = {"train": 6, "val": 2, "test": 4}
+CONFIG = {"embed_dim": 32,
+          "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def make_images(root: Path, seed: int, counts: dict[str, int] = COUNTS) -> Path:
+    """Each class a colour, plus noise: 32x32 PNGs."""
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = (rng.normal(size=(32, 32, 3)) * 40 + 60 * c).clip(0, 255).astype("uint8")
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def write_model(folder: Path, name: str, config: dict, seed: int) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    torch.manual_seed(seed)
+    weights = folder / f"{name}-seed{seed}.pt"
+    torch.save(open_clip.create_model(name).state_dict(), weights)
+    return path, weights
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config, weights = write_model(root / "models", "tiny-cli-clip", CONFIG, seed=0)
+    _, other_weights = write_model(root / "models", "tiny-cli-clip", CONFIG, seed=1)
+    wider = {**CONFIG, "vision_cfg": {**CONFIG["vision_cfg"], "width": 48}}
+    _, wrong_weights = write_model(root / "other", "tiny-cli-wide", wider, seed=0)
+    return {"root": root, "config": str(config), "weights": str(weights), "other_weights": str(other_weights),
+            "wrong_weights": str(wrong_weights), "data": make_images(root / "toy_a", seed=0),
+            "data_b": make_images(root / "toy_b", seed=1)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(world, command: str, *args: str, data: str | None = None, model: bool = True, shots: int = 4) -> list[str]:
+    argv = [command]
+    if model:
+        argv += ["--model-config", world["config"], "--pretrained", world["weights"]]
+    argv += ["--data", data or str(world["data"]), "--device", "cpu", *args]
+    return argv + (["--shots", str(shots)] if shots else [])
+
+
+def run_ok(argv: list[str], capsys) -> str:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    return out
+
+
+def run_error(argv: list[str], capsys) -> str:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit status {code}; stderr: {err[-2000:]}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"rada-mma {argv[0]}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def mma_run(world, tmp_path_factory):
+    """One `rada-mma fit --method mma` run shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("runs") / "toy-mma"
+    code = main(cli(world, "fit", "--method", "mma", "--epochs", "3", "--out", str(out)))
+    assert code == 0
+    return out
+
+
+# -- fit and eval ------------------------------------------------------------------------------
+
+
+ROW_KEYS = {"dataset", "method", "seed", "base", "new", "hm", "all", "shots", "model"}
+
+
+def test_fit_writes_the_run_folder(mma_run):
+    names = {p.name for p in mma_run.iterdir()}
+    assert {"adapter.safetensors", "results.json", "results.md", "training.png", "adapter.png", "checkpoint.pt",
+            "train_config.json", "split", "cache"} <= names
+    for picture in ("training.png", "adapter.png"):
+        assert (mma_run / picture).read_bytes().startswith(b"\x89PNG")
+    rows = read_results(mma_run)
+    assert [r["method"] for r in rows] == ["zero-shot", "mma"]
+    for row in rows:
+        assert set(row) == ROW_KEYS
+        assert (row["dataset"], row["seed"], row["shots"], row["model"]) == ("toy_a", 1, 4, "tiny-cli-clip")
+        assert all(0 <= row[k] <= 100 for k in ("base", "new", "hm", "all"))
+        assert row["hm"] == harmonic_mean(row["base"], row["new"])
+    table = (mma_run / "results.md").read_text()
+    assert table.startswith("| dataset | method | seeds | base | new | HM | all |") and "| toy_a | mma | 1 |" in table
+    config = json.loads((mma_run / "train_config.json").read_text())
+    assert (config["epochs"], config["lr"], config["batch_size"], config["patience"]) == (3, 5e-3, 256, 20)
+
+
+def test_rows_are_the_base_new_and_all_accuracies(world, mma_run):
+    """Recomputed with the library on CoOp's split: base and new classes alone, and all classes at once."""
+    import rada_mma
+
+    clip, _, preprocess = open_clip.create_model_and_transforms("tiny-cli-clip", pretrained=world["weights"])
+    model = rada_mma.wrap(clip, method="mma").load_adapter(mma_run / "adapter.safetensors")
+    tokenizer = open_clip.get_tokenizer("tiny-cli-clip")
+    fewshot = data.few_shot(data.load_data(world["data"]), 4, 1)
+    expected = {}
+    for subset in ("base", "new", "all"):
+        split = data.subsample_classes(fewshot, subset)
+        model.set_classes(split.classnames, tokenizer=tokenizer, templates=["a photo of a {}."])
+        feats = extract_image_features(model, split, split.test, preprocess, progress=False)
+        expected[subset] = accuracy(model, feats.image, feats.labels)
+        with model.disable_adapter():
+            expected["zero-shot " + subset] = accuracy(model, feats.image, feats.labels)
+    zero_shot, adapted = read_results(mma_run)
+    assert {k: adapted[k] for k in ("base", "new", "all")} == {k: expected[k] for k in ("base", "new", "all")}
+    assert {k: zero_shot[k] for k in ("base", "new", "all")} == {k: expected["zero-shot " + k] for k in ("base", "new", "all")}
+    with model.disable_adapter():
+        plain = model.logits_from_features(feats.image)
+    assert not torch.allclose(model.logits_from_features(feats.image), plain)  # the adapter is not the identity
+
+
+def test_eval_reproduces_the_fit(world, mma_run, capsys):
+    fitted = read_results(mma_run)
+    shutil.copytree(mma_run, mma_run.parent / "copy")
+    out = run_ok(cli(world, "eval", "--method", "mma", "--out", str(mma_run.parent / "copy")), capsys)
+    assert read_results(mma_run.parent / "copy") == fitted
+    assert "| toy_a | mma | 1 |" in out
+    # an adapter file given explicitly, into another folder
+    elsewhere = mma_run.parent / "elsewhere"
+    run_ok(cli(world, "eval", "--method", "mma", "--adapter", str(mma_run / "adapter.safetensors"),
+               "--out", str(elsewhere)), capsys)
+    assert read_results(elsewhere) == fitted
+
+
+def test_fit_rada_and_options(world, tmp_path, capsys):
+    out = tmp_path / "rada"
+    stdout = run_ok(cli(world, "fit", "--method", "rada", "--epochs", "2", "--lr", "0.01", "--select", "last",
+                        "--option", "alpha=0.1", "--option", "softmax=row", "--out", str(out)), capsys)
+    assert "| toy_a | rada | 1 |" in stdout and f"adapter, results and plots in {out}" in stdout
+    from rada_mma import read_adapter_config
+
+    adapter = read_adapter_config(out / "adapter.safetensors")
+    assert (adapter.alpha, adapter.softmax) == (0.1, "row")
+    assert json.loads((out / "train_config.json").read_text())["lr"] == 0.01
+    assert {p.name for p in out.iterdir()} >= {"training.png", "adapter.png", "results.json"}
+
+
+# -- extract and bench -------------------------------------------------------------------------
+
+
+def test_extract_writes_the_caches_fit_reads(world, tmp_path, capsys, caplog):
+    caches = tmp_path / "cache"
+    out = run_ok(cli(world, "extract", "--shots", "0", "--cache-dir", str(caches), "--out", str(tmp_path / "x"),
+                     shots=0), capsys)
+    assert {p.name for p in caches.iterdir()} == {"all-classes.safetensors", "all-train-v0.safetensors",
+                                                   "all-val-v0.safetensors", "all-test-v0.safetensors"}
+    assert f"in {caches}" in out
+    assert load_features(caches / "all-train-v0.safetensors").image.shape == (24, 32)  # every training image
+    run_ok(cli(world, "extract", "--seed", "2", "--cache-dir", str(caches), "--out", str(tmp_path / "x")), capsys)
+    few = {"base-4shot-seed2-ceil-train-v0.safetensors", "base-4shot-seed2-ceil-val-v0.safetensors"}
+    assert few <= {p.name for p in caches.iterdir()}
+    assert load_features(caches / "base-4shot-seed2-ceil-train-v0.safetensors").image.shape == (8, 32)  # 2 classes x 4
+
+    with caplog.at_level(logging.INFO, logger="rada_mma.fewshot.cache"):
+        run_ok(cli(world, "fit", "--seed", "2", "--epochs", "1", "--cache-dir", str(caches),
+                   "--out", str(tmp_path / "fit")), capsys)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if m.startswith("cached ") or "stale" in m]  # nothing encoded again
+    assert len([m for m in messages if m.startswith("loaded ")]) == 4  # texts, test, few-shot train and val
+
+
+def test_extract_defaults_to_the_shots_fit_uses(world, tmp_path, capsys):
+    # extract's default draw is fit's (16 shots): a later fit with the same --cache-dir encodes nothing
+    for command in ("extract", "fit"):
+        assert "training images per class; 0: all (default 16)" in help_text(command, capsys)
+    caches = tmp_path / "cache"
+    run_ok(cli(world, "extract", "--cache-dir", str(caches), "--out", str(tmp_path / "x"), shots=0), capsys)
+    assert "base-16shot-seed1-ceil-train-v0.safetensors" in {p.name for p in caches.iterdir()}
+
+
+def help_text(command: str, capsys) -> str:
+    """``rada-mma COMMAND --help``, white space folded."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_bench_makes_one_table(world, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--model-config", world["config"], "--pretrained", world["weights"],
+            "--data", str(world["data"]), str(world["data_b"]), "--seeds", "1", "2", "--methods", "rada",
+            "--shots", "4", "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    stdout = run_ok(argv, capsys)
+    rows = read_results(out)
+    assert sorted((r["dataset"], r["seed"], r["method"]) for r in rows) == sorted(
+        (d, s, m) for d in ("toy_a", "toy_b") for s in (1, 2) for m in ("zero-shot", "rada"))
+    table = (out / "results.md").read_text()
+    assert table.count("| dataset | method |") == 1
+    for line in ("| toy_a | rada | 2 |", "| toy_b | zero-shot | 2 |", "| average | rada | 2 |"):
+        assert line in table and line in stdout
+    assert "Published" not in table  # toy datasets are none of the 11
+    for dataset in ("toy_a", "toy_b"):  # one cache per dataset, shared by its runs
+        names = {p.name for p in (out / dataset / "cache").iterdir()}
+        assert {"all-test-v0.safetensors", "base-4shot-seed1-ceil-train-v0.safetensors",
+                "base-4shot-seed2-ceil-train-v0.safetensors"} <= names
+        for seed in (1, 2):
+            assert (out / dataset / f"rada-seed{seed}" / "adapter.safetensors").is_file()
+
+
+# -- what a user runs into ---------------------------------------------------------------------
+
+
+def test_cache_of_another_model_is_rebuilt(world, tmp_path, capsys, caplog):
+    caches = tmp_path / "cache"
+    run_ok(cli(world, "fit", "--epochs", "1", "--cache-dir", str(caches), "--out", str(tmp_path / "a")), capsys)
+    before = load_features(caches / "all-test-v0.safetensors")
+    argv = cli(world, "fit", "--epochs", "1", "--cache-dir", str(caches), "--out", str(tmp_path / "b"), model=False)
+    argv += ["--model-config", world["config"], "--pretrained", world["other_weights"]]
+    with caplog.at_level(logging.WARNING, logger="rada_mma.fewshot.cache"):
+        run_ok(argv, capsys)
+    stale = [r.getMessage() for r in caplog.records if "is stale" in r.getMessage()]
+    assert len(stale) == 4 and all("(weights changed" in m for m in stale)  # texts, test, train, val
+    after = load_features(caches / "all-test-v0.safetensors")
+    assert after.fingerprint != before.fingerprint and not torch.allclose(after.image, before.image)
+    assert read_results(tmp_path / "a")[0] != read_results(tmp_path / "b")[0]
+
+
+def test_errors_are_one_line_with_status_2(world, tmp_path, capsys):
+    empty_class = make_images(tmp_path / "empty_class", seed=0, counts={"train": 2, "test": 1})
+    (empty_class / "train" / "zebra").mkdir()
+    coop = tmp_path / "coop"
+    make_images(coop / "images", seed=0, counts={"train": 2, "test": 1})
+    split = {"train": [[f"train/{c}/{i}.png", k, c] for k, c in enumerate(CLASSES) for i in range(2)],
+             "val": [],
+             "test": [[f"test/{c}/0.png", k, c] for k, c in enumerate(CLASSES)] + [["test/red_apple/7.png", 0, CLASSES[0]]]}
+    (coop / "split_zhou_Toy.json").write_text(json.dumps(split))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"these are not weights")
+    out = ["--out", str(tmp_path / "run")]
+    cases = [
+        (cli(world, "fit", *out, data=str(tmp_path / "nowhere")), "nowhere does not exist; give the dataset's folder"),
+        (cli(world, "fit", *out, data=str(empty_class)), "zebra has no images"),
+        (cli(world, "fit", *out, data=str(coop)), "names 1 images that are not in"),
+        (cli(world, "fit", *out, model=False) + ["--model", "NoSuchNet-9"], "open_clip does not know the model 'NoSuchNet-9'"),
+        (cli(world, "fit", *out, model=False) + ["--model-config", world["config"], "--pretrained", world["wrong_weights"]],
+         "do not fit the model tiny-cli-clip"),
+        (cli(world, "fit", *out, model=False) + ["--model-config", world["config"], "--pretrained", str(garbage)],
+         "do not fit the model tiny-cli-clip"),
+        (cli(world, "fit", *out, model=False) + ["--model-config", world["config"], "--pretrained", "/nowhere/w.pt"],
+         "--pretrained /nowhere/w.pt: no such weights file"),
+        (cli(world, "fit", *out, model=False) + ["--model", "ViT-B-16", "--model-config", world["config"]],
+         "defines the model 'tiny-cli-clip'"),
+        (cli(world, "fit", *out, model=False) + ["--model-config", str(tmp_path / "none.json")], "does not exist"),
+        (cli(world, "fit", *out, "--option", "alpha"), "--option takes KEY=VALUE"),
+        (cli(world, "eval", *out), "no adapter at"),
+    ]
+    for argv, expected in cases:
+        line = run_error(argv, capsys)
+        assert expected in line, line
+    # a run folder holds one run: another configuration is refused, not mixed in
+    run_ok(cli(world, "fit", "--epochs", "1", *out), capsys)
+    line = run_error(cli(world, "fit", "--epochs", "2", *out), capsys)
+    assert "belongs to another run" in line and "delete the checkpoint to start over" in line
+
+
+def test_console_script_help():
+    script = Path(sys.executable).parent / "rada-mma"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for command in ("extract", "fit", "eval", "bench"):
+        assert command in done.stdout

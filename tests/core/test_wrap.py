@@ -1,0 +1,692 @@
+"""``wrap()``: backends, composition, freezing, classes, training, errors and ``torch.compile``.
+
+Every CLIP family runs through the same generic tests from the ``CASES`` table
+(peft's ``TEST_CASES``): the tiny models of ``tiny_models`` with random weights.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import rada_mma
+from rada_mma import METHODS, AdapterConfig, wrap
+from tests.helpers import tiny_models as tm
+
+NAMES = ["cat", "dog", "bird", "fish", "car", "tree"]
+GENERIC_SCALE = 50.0
+RADA_FAMILY = ("rada", "rada+adapter", "mma+rada")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread, so that a loaded 2-core machine is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# -- the table of models -----------------------------------------------------------------------
+
+
+def open_clip_tokens(k: int) -> Tensor:
+    return tm.tokenizer()([f"a photo of a {name}." for name in NAMES[:k]])  # (K, L)
+
+
+def generic_tokens(k: int) -> Tensor:
+    return torch.randint(0, 100, (k, 8), generator=seeded(1))
+
+
+def scaled_cosine(image: Tensor, text: Tensor, scale: Tensor | float, bias: Tensor | None = None) -> Tensor:
+    """Zero-shot CLIP written out: ``s · normalize(f) @ normalize(h)ᵀ (+ b)``, in fp32."""
+    logits = scale * F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+    return logits if bias is None else logits + bias
+
+
+def encoders_zero_shot(base: nn.Module, images: Tensor, tokens: Tensor) -> Tensor:
+    """open_clip (with SigLIP's bias) and OpenAI: from the base model's own encoders and scale."""
+    bias = getattr(base, "logit_bias", None)
+    return scaled_cosine(base.encode_image(images), base.encode_text(tokens), base.logit_scale.exp(), bias)
+
+
+def hf_zero_shot(base: nn.Module, images: Tensor, tokens: Tensor) -> Tensor:
+    """Hugging Face: the model's own forward."""
+    return base(input_ids=tokens, pixel_values=images).logits_per_image
+
+
+def generic_zero_shot(base: nn.Module, images: Tensor, tokens: Tensor) -> Tensor:
+    return scaled_cosine(base.encode_image(images), base.encode_text(tokens), GENERIC_SCALE)
+
+
+@dataclass(frozen=True)
+class Case:
+    make: Callable[[], nn.Module]  # a fresh base model, same weights every call
+    backend: str  # what detection must pick
+    tokens: Callable[[int], Any]  # token ids for the first k classes
+    zero_shot: Callable[[nn.Module, Tensor, Any], Tensor]  # the base model's logits, computed here
+    options: dict[str, Any] = field(default_factory=dict)  # what wrap needs beyond the model
+    dim: int = tm.EMBED_DIM
+
+
+CASES = {
+    "open_clip": Case(tm.open_clip_model, "open_clip", open_clip_tokens, encoders_zero_shot),
+    "open_clip_siglip": Case(partial(tm.open_clip_model, siglip=True), "open_clip", open_clip_tokens,
+                             encoders_zero_shot),
+    "hf_clip": Case(tm.hf_clip_model, "hf", tm.hf_tokens, hf_zero_shot),
+    "hf_siglip": Case(tm.hf_siglip_model, "hf", tm.hf_tokens, hf_zero_shot),
+    "openai": Case(tm.FakeOpenAICLIP, "openai", open_clip_tokens, encoders_zero_shot),
+    "openai_fp16": Case(partial(tm.FakeOpenAICLIP, half=True), "openai", open_clip_tokens, encoders_zero_shot),
+    "generic": Case(partial(tm.GenericDualEncoder, dim=48), "generic", generic_tokens, generic_zero_shot,
+                    dict(dim=48, logit_scale=GENERIC_SCALE), dim=48),
+}
+each_case = pytest.mark.parametrize("name", list(CASES))
+
+
+def wrapped(name: str = "open_clip", method: str = "rada", k: int = 4, **options: Any):
+    """A fresh base model of ``CASES[name]``, wrapped with ``method`` and its first ``k`` classes set."""
+    case = CASES[name]
+    base = case.make()
+    model = wrap(base, method, generator=seeded(0), **case.options, **options)
+    return model.set_classes(case.tokens(k)), base
+
+
+def labels_for(k: int, n: int = 8) -> Tensor:
+    return torch.arange(n) % k
+
+
+def clones(module: nn.Module) -> dict[str, Tensor]:
+    return {name: t.detach().clone() for name, t in module.state_dict().items()}
+
+
+def changed(module: nn.Module, before: dict[str, Tensor]) -> set[str]:
+    return {name for name, t in module.state_dict().items() if not torch.equal(t, before[name])}
+
+
+# -- backends --------------------------------------------------------------------------------
+
+
+@each_case
+def test_detects_backend(name):
+    model, _ = wrapped(name)
+    assert model.backend.name == CASES[name].backend
+    assert model.adapter.dim == CASES[name].dim
+
+
+@pytest.mark.parametrize("name", ["open_clip", "openai"])
+def test_backend_override_gives_the_same_logits(name):
+    """Both models also have plain encode_image/encode_text, so the generic backend must agree."""
+    model, base = wrapped(name)
+    forced = wrap(base, "rada", backend="generic", generator=seeded(0)).set_classes(CASES[name].tokens(4))
+    x = tm.images(3)
+    assert forced.backend.name == "generic"
+    with torch.no_grad():
+        assert torch.equal(forced(x), model(x))
+
+
+WRAP_ERRORS = {
+    "unknown backend": (lambda: wrap(tm.open_clip_model(), backend="tensorflow"), ValueError,
+                        "unknown backend 'tensorflow'; choose one of open_clip, hf, openai, generic"),
+    "not a module": (lambda: wrap(object()), TypeError, "takes a torch.nn.Module"),
+    "no encoders": (lambda: wrap(nn.Linear(4, 4)), TypeError, "no encode_image/encode_text methods"),
+    "hf single tower": (lambda: wrap(tm.hf_clip_model().text_model), TypeError,
+                        "no get_image_features; wrap a CLIPModel or SiglipModel"),
+    "generic without dim": (lambda: wrap(tm.GenericDualEncoder(), logit_scale=GENERIC_SCALE), ValueError,
+                            "cannot tell the embedding width .* pass dim="),
+    "generic without logit_scale": (lambda: wrap(tm.GenericDualEncoder(), dim=24), ValueError,
+                                    "has no logit_scale; pass logit_scale="),
+    "unknown method": (lambda: wrap(tm.open_clip_model(), "lora"), ValueError, "unknown method 'lora'"),
+    "unknown option": (lambda: wrap(tm.open_clip_model(), head=4), TypeError, r"unknown adapter option\(s\) \['head'\]"),
+    "heads not dividing": (lambda: wrap(tm.open_clip_model(), heads=5), ValueError,
+                           "heads=5 must be a positive divisor of the embedding width"),
+    "config and options": (lambda: wrap(tm.open_clip_model(), config=AdapterConfig.for_method("rada", 32), heads=4),
+                           TypeError, "either config= or method options"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRAP_ERRORS))
+def test_wrap_errors(case):
+    call, error, message = WRAP_ERRORS[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_not_a_module_with_backend_override():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        wrap("not a model", backend="generic", dim=8, logit_scale=1.0)
+
+
+def test_config_instead_of_method():
+    config = AdapterConfig.for_method("mma", tm.EMBED_DIM, blend=0.5)
+    model = wrap(tm.open_clip_model(), config=config)
+    assert model.adapter.config == config
+
+
+def test_public_api_is_exported():
+    assert rada_mma.wrap is wrap and rada_mma.AdaptedCLIP is type(wrapped()[0])
+
+
+@pytest.mark.parametrize("module", ["wrapper", "backends", "serialization", "config", "modules"])
+def test_user_input_is_never_checked_with_assert(module):
+    """``python -O`` strips asserts, and AssertionError tells the user nothing: checks raise errors."""
+    source = Path(rada_mma.__file__).with_name(f"{module}.py").read_text()
+    asserts = [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assert)]
+    assert asserts == [], f"rada_mma/{module}.py has assert statements on lines {asserts}"
+
+
+def test_generic_takes_dim_and_logit_scale():
+    model, _ = wrapped("generic")
+    assert model.adapter.dim == 48
+    assert model.logit_scale().item() == GENERIC_SCALE
+
+
+# -- composition, not monkey-patching ------------------------------------------------------------
+
+
+def _anatomy(base: nn.Module) -> dict[str, Any]:
+    """Per submodule: its class, its attribute names and how many hooks it has."""
+    return {
+        name: (type(m), sorted(vars(m)), [len(v) for k, v in sorted(vars(m).items()) if k.endswith("hooks")])
+        for name, m in base.named_modules()
+    }
+
+
+@each_case
+def test_wrap_composes_without_patching(name):
+    base = CASES[name].make()
+    before = _anatomy(base)
+    model = wrap(base, "rada", **CASES[name].options).set_classes(CASES[name].tokens(3))
+    with torch.no_grad():
+        model(tm.images(2))
+    assert model.base is base
+    assert _anatomy(base) == before
+    for method in ("forward", "encode_image", "encode_text", "get_image_features", "get_text_features"):
+        if hasattr(type(base), method):
+            assert getattr(base, method).__func__ is getattr(type(base), method), method
+
+
+@each_case
+def test_backbone_frozen_and_kept_in_eval(name):
+    model, base = wrapped(name)
+    assert not any(p.requires_grad for p in base.parameters())
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.adapter.parameters()}
+    model.train()
+    assert model.training and all(m.training for m in model.adapter.modules())
+    assert not any(m.training for m in base.modules())
+    assert not model.encode_image(tm.images(2)).requires_grad
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+@each_case
+def test_unwrap_restores_the_untouched_base(name):
+    base = CASES[name].make().train()
+    caller_frozen = next(iter(base.parameters()))
+    caller_frozen.requires_grad_(False)  # the caller's own choice, which unwrap must give back
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    before = clones(base)
+    model = wrap(base, "rada", generator=seeded(0), **CASES[name].options).set_classes(CASES[name].tokens(3))
+    tm.train_steps(model, tm.images(6), labels_for(3, 6), 3)
+    assert model.unwrap() is base
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    assert base.training and all(m.training for m in base.modules())
+    assert changed(base, before) == set()
+
+
+def test_unwrap_restores_each_submodules_mode():
+    base = tm.open_clip_model().train()
+    base.visual.eval()  # e.g. a tower whose dropout and norm statistics the caller keeps off
+    modes = {n: m.training for n, m in base.named_modules()}
+    wrap(base, "rada").unwrap()
+    assert {n: m.training for n, m in base.named_modules()} == modes
+
+
+@each_case
+def test_disable_adapter_gives_the_base_models_zero_shot_logits(name):
+    case = CASES[name]
+    model, base = wrapped(name, "mma")  # MMA's logits differ from zero-shot from the start
+    x, tokens = tm.images(5), case.tokens(4)
+    with torch.no_grad():
+        expected = case.zero_shot(base, x, tokens)
+        adapted = model(x)
+        with model.disable_adapter():
+            zero_shot = model(x)
+    assert zero_shot.dtype == torch.float32 and zero_shot.shape == (5, 4)
+    torch.testing.assert_close(zero_shot, expected.float(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, expected.float(), atol=1e-3)
+
+
+def test_disable_adapter_is_reenabled_after_an_exception():
+    model, _ = wrapped("open_clip", "mma")
+    x = tm.images(3)
+    with torch.no_grad():
+        adapted = model(x)
+        with model.disable_adapter():
+            zero_shot = model(x)
+            with model.disable_adapter():  # nested: still disabled after the inner one ends
+                pass
+            assert torch.equal(model(x), zero_shot)
+        with pytest.raises(RuntimeError, match="inside the context"):
+            with model.disable_adapter():
+                raise RuntimeError("inside the context")
+        assert torch.equal(model(x), adapted)
+    assert not torch.equal(adapted, zero_shot)
+
+
+@pytest.mark.parametrize("name", ["open_clip", "open_clip_siglip", "hf_clip"])
+@pytest.mark.parametrize("method", ["rada", "rada+adapter"])
+def test_fresh_rada_is_zero_shot(name, method):
+    """W_o (and the adapters' W_2) start at zero: the mask is exactly 1 and the logits zero-shot CLIP's."""
+    model, _ = wrapped(name, method)
+    x = tm.images(5)
+    with torch.no_grad():
+        logits = model(x)
+        _, mask = model.adapter(model.encode_image(x), model.class_features, model.logit_scale(), return_mask=True)
+        with model.disable_adapter():
+            zero_shot = model(x)
+    assert torch.equal(mask, torch.ones_like(mask))
+    torch.testing.assert_close(logits, zero_shot, rtol=1e-6, atol=1e-6)
+
+
+def test_fresh_mma_rada_is_mma_not_zero_shot():
+    mma_rada, _ = wrapped("open_clip", "mma+rada")
+    mma, _ = wrapped("open_clip", "mma")  # same generator: the same MMA weights
+    x = tm.images(5)
+    with torch.no_grad():
+        with mma.disable_adapter():
+            zero_shot = mma(x)
+        torch.testing.assert_close(mma_rada(x), mma(x), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(mma(x), zero_shot, atol=1e-3)
+
+
+# -- parameters and training ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trainable_parameters_are_the_adapters(method, capsys):
+    model, base = wrapped("open_clip", method)
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.adapter.parameters()}
+    model.print_trainable_parameters()
+    printed = capsys.readouterr().out
+    found = re.fullmatch(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)\n", printed)
+    assert found, printed
+    trainable, total, percent = int(found[1].replace(",", "")), int(found[2].replace(",", "")), float(found[3])
+    assert trainable == sum(p.numel() for p in model.adapter.parameters()) > 0
+    assert total == trainable + sum(p.numel() for p in base.parameters())
+    assert percent == pytest.approx(100 * trainable / total, abs=1e-4)
+
+
+# W_2 of the residual adapters starts at zero behind a ReLU, whose gradient at 0 is 0 in PyTorch:
+# neither map of the adapters ever gets a gradient, in the released code as here.
+STAY_AT_INIT = {
+    "rada+adapter": {f"{side}_adapter.{layer}.weight" for side in ("image", "text") for layer in ("down", "up")},
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_adapter_parameters_change(method):
+    options = dict(alpha=0.1) if method in RADA_FAMILY else {}
+    model, base = wrapped("open_clip", method, **options)
+    x, y = tm.images(8), labels_for(4)
+    base_before, adapter_before = clones(base), clones(model.adapter)
+    features_before = model.class_features.clone()
+    losses = tm.train_steps(model, x, y, 3)
+    assert changed(base, base_before) == set()
+    assert changed(model.adapter, adapter_before) == set(adapter_before) - STAY_AT_INIT.get(method, set())
+    assert torch.equal(model.class_features, features_before)
+    losses += tm.train_steps(model, x, y, 17)
+    # the tiny CLIP's class prompts are near-parallel: MMA (λ = 0.2) moves the loss the least
+    assert losses[-1] < losses[0] - 0.01, losses
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_regularization(method):
+    model, _ = wrapped("open_clip", method, **({"alpha": 0.1} if method in RADA_FAMILY else {}))
+    x, y = tm.images(8), labels_for(4)
+    model(x)
+    assert torch.equal(model.regularization(), torch.zeros(()))  # mask ≡ 1 at init; no mask for MMA
+    tm.train_steps(model, x, y, 3)
+    logits = model(x)
+    regularization = model.regularization()
+    if method not in RADA_FAMILY:
+        assert torch.equal(regularization, torch.zeros(()))
+        return
+    assert regularization.item() > 0 and regularization.requires_grad
+    _, mask = model.adapter(model.encode_image(x), model.text_features(), model.logit_scale(), return_mask=True)
+    assert torch.equal(regularization, model.adapter.regularization(mask))
+    assert torch.equal(model.loss(logits, y), F.cross_entropy(logits, y) + regularization)
+    with model.disable_adapter():
+        model(x)
+    assert torch.equal(model.regularization(), torch.zeros(()))
+
+
+@pytest.mark.parametrize("method", ["mma", "mma-master"])
+def test_options_mean_the_same_in_wrap_and_modules(method):
+    # MMA's only attention is its own: heads= is its heads, in wrap() as in MultiModalAdapter(heads=...)
+    model, _ = wrapped("open_clip", method, heads=2)
+    assert model.adapter.config.mma_heads == 2
+    with pytest.raises(TypeError, match=r"option\(s\) \['alpha', 'temperature'\] do not apply to method"):
+        wrapped("open_clip", method, alpha=0.1, temperature=0.5)
+
+
+def test_regularization_is_zero_without_alpha():
+    model, _ = wrapped("open_clip", "rada", alpha=0.0)
+    x, y = tm.images(8), labels_for(4)
+    tm.train_steps(model, x, y, 3)
+    model(x)
+    assert torch.equal(model.regularization(), torch.zeros(()))
+
+
+LABEL_ERRORS = {
+    "too large": (torch.tensor([0, 1, 2, 4]), ValueError, r"labels must lie in \[0, 4\) .* got values in \[0, 4\]"),
+    "negative": (torch.tensor([0, -1, 2, 3]), ValueError, r"labels must lie in \[0, 4\)"),
+    "float": (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, "labels must be an integer tensor"),
+    "wrong length": (torch.tensor([0, 1]), ValueError, r"labels must be \(B,\) = \(4,\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(LABEL_ERRORS))
+def test_loss_rejects_bad_labels(case):
+    labels, error, message = LABEL_ERRORS[case]
+    model, _ = wrapped("open_clip")
+    logits = model(tm.images(4))
+    with pytest.raises(error, match=message):
+        model.loss(logits, labels)
+
+
+def test_loss_is_cross_entropy_plus_regularization():
+    model, _ = wrapped("open_clip", "rada", alpha=0.5)
+    x, y = tm.images(8), labels_for(4)
+    tm.train_steps(model, x, y, 2)
+    logits = model(x)
+    assert model.regularization().item() > 0
+    assert torch.equal(model.loss(logits, y), F.cross_entropy(logits, y) + model.regularization())
+
+
+# -- RAda-FT: freeze_backbone=False ---------------------------------------------------------------
+
+
+def test_unfrozen_backbone_trains_both_encoders():
+    base = tm.open_clip_model(siglip=True)
+    model = wrap(base, "rada", freeze_backbone=False, generator=seeded(0))
+    model.set_classes(NAMES[:4], tokenizer=tm.tokenizer())
+    frozen = {n for n, p in base.named_parameters() if not p.requires_grad}
+    assert frozen == {"logit_scale", "logit_bias"}
+    encoders = {n for n, p in base.named_parameters() if p.requires_grad}
+    assert {id(p) for p in model.trainable_parameters()} == (
+        {id(p) for p in model.adapter.parameters()} | {id(p) for n, p in base.named_parameters() if n in encoders}
+    )
+    model.train()
+    assert base.training
+    x, y = tm.images(8), labels_for(4)
+    F.cross_entropy(model(x), y).backward()
+    no_gradient = {n for n, p in base.named_parameters() if n in encoders and (p.grad is None or not p.grad.any())}
+    assert no_gradient == set()
+    assert any(n.startswith("text.") for n in encoders) and any(n.startswith("visual.") for n in encoders)
+    before = clones(base)
+    tm.train_steps(model, x, y, 3, lr=1e-3)
+    assert changed(base, before) == {n for n in encoders}
+
+
+def test_unfrozen_backbone_evaluates_with_the_trained_text_encoder():
+    base = tm.open_clip_model()
+    model = wrap(base, "rada", freeze_backbone=False, generator=seeded(0)).set_classes(open_clip_tokens(4))
+    x = tm.images(8)
+    tm.train_steps(model, x, labels_for(4), 3, lr=1e-3)
+    with torch.no_grad():
+        evaluated = model(x)
+    torch.testing.assert_close(evaluated, model(x).detach(), rtol=1e-6, atol=1e-6)
+
+
+# -- set_classes ----------------------------------------------------------------------------------
+
+
+def test_token_ids_give_the_raw_text_features():
+    model, base = wrapped("open_clip", k=1)
+    tokens = open_clip_tokens(5)  # (K, L)
+    model.set_classes(tokens)
+    with torch.no_grad():
+        assert torch.equal(model.class_features, base.encode_text(tokens))
+
+
+def test_token_ids_with_templates_are_ensembled():
+    model, base = wrapped("open_clip", k=1)
+    tok = tm.tokenizer()
+    texts = [f"{t} {name}." for name in NAMES[:3] for t in ("a photo of a", "a drawing of a")]
+    tokens = tok(texts).reshape(3, 2, -1)  # (K, T, L)
+    model.set_classes(tokens)
+    with torch.no_grad():
+        each = F.normalize(base.encode_text(tok(texts)), dim=-1).reshape(3, 2, -1)
+    torch.testing.assert_close(model.class_features, F.normalize(each.mean(1), dim=-1), rtol=1e-6, atol=1e-6)
+
+
+TEMPLATES = {
+    "format strings": ["a photo of a {}.", "a blurry drawing of the {}.", "itap of a {}."],
+    "callables": [lambda c: f"a photo of a {c}.", lambda c: f"a {c} in the wild."],
+}
+
+
+@pytest.mark.parametrize("kind", list(TEMPLATES))
+def test_names_match_open_clips_zero_shot_classifier(kind):
+    model, base = wrapped("open_clip", k=1)
+    tok, templates = tm.tokenizer(), TEMPLATES[kind]
+    model.set_classes(NAMES, tokenizer=tok, templates=templates, batch_size=4)  # batches split classes
+    with torch.no_grad():
+        weights = open_clip.zero_shot_classifier.build_zero_shot_classifier(
+            base, tok, NAMES, templates, num_classes_per_batch=4, device="cpu"
+        )  # (D, K), normalised
+    assert model.num_classes == len(NAMES)
+    torch.testing.assert_close(F.normalize(model.class_features, dim=-1), weights.T, rtol=0, atol=1e-6)
+
+
+def test_one_template_keeps_the_raw_features():
+    model, base = wrapped("open_clip", k=1)
+    tok = tm.tokenizer()
+    model.set_classes(NAMES[:4], tokenizer=tok)  # default template "a photo of a {}."
+    with torch.no_grad():
+        assert torch.equal(model.class_features, base.encode_text(open_clip_tokens(4)))
+    model.set_classes(NAMES[:4], tokenizer=tok, templates=[lambda c: f"itap of a {c}."])
+    with torch.no_grad():
+        assert torch.equal(model.class_features, base.encode_text(tok([f"itap of a {c}." for c in NAMES[:4]])))
+
+
+def test_text_features_are_used_as_given_or_ensembled():
+    model, _ = wrapped("open_clip", k=1)
+    features = torch.randn(5, 3, tm.EMBED_DIM, generator=seeded(2))
+    model.set_classes(text_features=features[:, 0])  # (K, D): raw
+    assert torch.equal(model.class_features, features[:, 0])
+    model.set_classes(text_features=features)  # (K, T, D)
+    expected = F.normalize(F.normalize(features, dim=-1).mean(1), dim=-1)
+    torch.testing.assert_close(model.class_features, expected, rtol=1e-6, atol=1e-6)
+    assert model(tm.images(2)).shape == (2, 5)
+
+
+def test_changing_classes_is_one_call():
+    model, _ = wrapped("open_clip", "mma", k=3)
+    x = tm.images(4)
+    with torch.no_grad():
+        assert model(x).shape == (4, 3)
+        model.set_classes(open_clip_tokens(6))  # base -> new classes
+        new = model(x)
+        fresh, _ = wrapped("open_clip", "mma", k=6)
+        assert new.shape == (4, 6)
+        assert torch.equal(new, fresh(x))
+
+
+def test_forward_before_set_classes_says_what_to_do():
+    model = wrap(tm.open_clip_model())
+    with pytest.raises(RuntimeError, match="no classes set: call model.set_classes"):
+        model(tm.images(2))
+
+
+LONG = torch.long
+SET_CLASSES_ERRORS = {
+    "nothing": (lambda m: m.set_classes(), ValueError, "exactly one of"),
+    "tokens and features": (lambda m: m.set_classes(open_clip_tokens(2), text_features=torch.randn(2, 32)),
+                            ValueError, "exactly one of"),
+    "K = 0 token ids": (lambda m: m.set_classes(torch.zeros(0, tm.CONTEXT, dtype=LONG)), ValueError, "K = 0"),
+    "K = 0 names": (lambda m: m.set_classes([], tokenizer=tm.tokenizer()), ValueError, "K = 0"),
+    "K = 0 features": (lambda m: m.set_classes(text_features=torch.zeros(0, 32)), ValueError, "K = 0"),
+    "feature width": (lambda m: m.set_classes(text_features=torch.randn(3, 16)), ValueError,
+                      "text_features have width 16, the adapter expects 32"),
+    "1-D features": (lambda m: m.set_classes(text_features=torch.randn(32)), ValueError,
+                     r"must be a \(K, D\) or \(K, T, D\) tensor, got \(32,\)"),
+    "NaN features": (lambda m: m.set_classes(text_features=torch.full((2, 32), float("nan"))), ValueError, "NaN"),
+    "names without tokenizer": (lambda m: m.set_classes(["cat", "dog"]), ValueError,
+                                "class names need a tokenizer: set_classes\\(names, tokenizer="),
+    "single string": (lambda m: m.set_classes("cat", tokenizer=tm.tokenizer()), TypeError,
+                      "a list of class names, not a single string"),
+    "1-D token ids": (lambda m: m.set_classes(torch.zeros(5, dtype=LONG)), ValueError,
+                      r"token ids must be \(K, L\) or \(K, T, L\), got shape \(5,\)"),
+    "token ids with templates": (lambda m: m.set_classes(open_clip_tokens(2), templates=["{}"]), ValueError,
+                                 "go with class names"),
+    "not tokens": (lambda m: m.set_classes(3.5), TypeError, "classes must be token ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(SET_CLASSES_ERRORS))
+def test_set_classes_errors(case):
+    call, error, message = SET_CLASSES_ERRORS[case]
+    model, _ = wrapped("open_clip", k=2)
+    before = model.class_features.clone()
+    with pytest.raises(error, match=message):
+        call(model)
+    assert torch.equal(model.class_features, before)  # a rejected call changes nothing
+
+
+# -- Hugging Face and OpenAI specifics ------------------------------------------------------------
+
+
+def test_hf_batch_encoding_with_padding():
+    from transformers import BatchEncoding
+
+    model, base = wrapped("hf_clip", k=1)
+    encoding = tm.hf_tokenizer()(["a photo of a cat", "dog", "the bird ."], padding=True, return_tensors="pt")
+    assert isinstance(encoding, BatchEncoding) and not encoding["attention_mask"].all()
+    model.set_classes(encoding)
+    with torch.no_grad():
+        expected = base.get_text_features(**encoding).pooler_output
+    assert torch.equal(model.class_features, expected)
+    assert model(tm.images(2)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["hf_clip", "hf_siglip"])
+def test_hf_names_with_a_transformers_tokenizer(name):
+    model, base = wrapped(name, k=1)
+    tokenizer, templates = tm.hf_tokenizer(), ["a photo of a {} .", "the {}"]
+    model.set_classes(NAMES, tokenizer=tokenizer, templates=templates)
+    texts = [t.format(c) for c in NAMES for t in templates]
+    with torch.no_grad():
+        each = base.get_text_features(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
+    expected = F.normalize(F.normalize(each, dim=-1).reshape(len(NAMES), 2, -1).mean(1), dim=-1)
+    torch.testing.assert_close(model.class_features, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["hf_clip", "hf_siglip"])
+def test_hf_transformers_4_tensors(name, monkeypatch):
+    """transformers 4 returns plain tensors from get_*_features; 5 returns output objects."""
+    model, base = wrapped(name, "mma")
+    x = tm.images(3)
+    with torch.no_grad():
+        v5 = model(x)
+    calls = []
+
+    def returning_tensors(method: Callable[..., Any]) -> Callable[..., Tensor]:
+        def features(**inputs: Tensor) -> Tensor:
+            calls.append(method.__name__)
+            return method(**inputs).pooler_output
+
+        return features
+
+    for method in ("get_text_features", "get_image_features"):
+        monkeypatch.setattr(base, method, returning_tensors(getattr(base, method)))
+    v4 = wrap(base, "mma", generator=seeded(0)).set_classes(CASES[name].tokens(4))
+    with torch.no_grad():
+        assert torch.equal(v4(x), v5)
+    assert calls == ["get_text_features", "get_image_features"]
+
+
+def test_hf_images_as_batch_feature():
+    from transformers import BatchFeature
+
+    model, _ = wrapped("hf_clip", "mma")
+    x = tm.images(3)
+    with torch.no_grad():
+        assert torch.equal(model(BatchFeature({"pixel_values": x})), model(x))
+
+
+def test_openai_fp16_features_run_the_adapter_in_fp32():
+    model, base = wrapped("openai_fp16", "rada+adapter")
+    x, tokens = tm.images(4), open_clip_tokens(4)
+    assert base.encode_image(x).dtype == torch.float16
+    tm.train_steps(model, x, labels_for(4, 4), 2)  # the mask moves away from 1
+    with torch.no_grad():
+        logits = model(x)
+        expected = model.adapter(base.encode_image(x).float(), base.encode_text(tokens).float(), base.logit_scale.exp())
+    assert model.class_features.dtype == logits.dtype == torch.float32
+    assert model.adapter.to_qkv_rational.weight.dtype == torch.float32
+    assert torch.equal(logits, expected)
+
+
+# -- torch.compile --------------------------------------------------------------------------------
+
+
+def _logits_and_grads(
+    model: nn.Module, forward: Callable[[], Tensor], regularization: Callable[[], Tensor] = lambda: 0.0
+) -> tuple[Tensor, list[Tensor]]:
+    model.zero_grad()
+    logits = forward()
+    (F.cross_entropy(logits, labels_for(logits.shape[1], logits.shape[0])) + regularization()).backward()
+    return logits.detach(), [p.grad.clone() for p in model.adapter.parameters()]
+
+
+def _assert_grads_close(got: list[Tensor], want: list[Tensor]) -> None:
+    assert any(g.any() for g in want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    torch._dynamo.reset()
+    model, _ = wrapped("open_clip", "rada", alpha=0.1)  # the regulariser is a side output of forward
+    x = tm.images(6)
+    tm.train_steps(model, x, labels_for(4, 6), 2)  # W_o leaves zero, so every layer has a gradient
+    model.train()
+    eager, eager_grads = _logits_and_grads(model, lambda: model(x), model.regularization)
+    eager_regularization = model.regularization().detach()
+    compiled = torch.compile(model, backend="aot_eager")  # open_clip's encoders may break the graph
+    logits, grads = _logits_and_grads(model, lambda: compiled(x), model.regularization)
+    torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.regularization().detach(), eager_regularization, rtol=1e-5, atol=1e-7)
+    assert eager_regularization > 0
+    _assert_grads_close(grads, eager_grads)
+
+
+@pytest.mark.slow
+def test_adapter_compiles_as_one_graph():
+    torch._dynamo.reset()
+    model, _ = wrapped("open_clip", "rada")
+    tm.train_steps(model, tm.images(6), labels_for(4, 6), 2)
+    features = model.encode_image(tm.images(6))
+    text, scale = model.class_features, model.logit_scale()
+    eager, eager_grads = _logits_and_grads(model, lambda: model.adapter(features, text, scale))
+    compiled = torch.compile(model.adapter, backend="aot_eager", fullgraph=True)
+    logits, grads = _logits_and_grads(model, lambda: compiled(features, text, scale))
+    torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(grads, eager_grads)
