@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import kernels
 from .backends import Backend, detect_backend, model_device
 from .config import AdapterConfig
-from .modules import _Adapter, build_adapter, check_labels
+from .modules import _Adapter, build_adapter, classification_loss
 from .serialization import load_adapter, save_adapter
 
 __all__ = ["AdaptedCLIP", "wrap"]
@@ -301,8 +301,7 @@ class AdaptedCLIP(nn.Module):
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """``F.cross_entropy(logits, labels) + self.regularization()``, with the labels checked."""
-        check_labels(labels, logits)
-        return torch.nn.functional.cross_entropy(logits.float(), labels) + self.regularization()
+        return classification_loss(logits, labels, self.regularization())
 
     # -- saving -----------------------------------------------------------------------------
 

@@ -409,6 +409,27 @@ def test_loss_is_cross_entropy_plus_regularization():
     assert torch.equal(model.loss(logits, y), F.cross_entropy(logits, y) + model.regularization())
 
 
+def test_one_loss_function_behind_both_loss_methods():
+    from rada_mma.modules import classification_loss
+
+    model, _ = wrapped("open_clip", "rada", alpha=0.5)
+    x, y = tm.images(8), labels_for(4)
+    tm.train_steps(model, x, y, 2)
+    logits = model(x)
+    regularization = model.regularization()
+    expected = F.cross_entropy(logits, y) + regularization
+    assert torch.equal(classification_loss(logits, y, regularization), expected)
+    assert torch.equal(model.loss(logits, y), expected)
+    _, mask = model.adapter(model.encode_image(x), model.text_features(), model.logit_scale(), return_mask=True)
+    assert torch.equal(model.adapter.loss(logits, y, mask), classification_loss(logits, y, model.adapter.regularization(mask)))
+    half = logits.detach().half()
+    assert torch.equal(classification_loss(half, y), F.cross_entropy(half.float(), y))  # fp32 cross-entropy
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        classification_loss(logits, y + 4)
+    with pytest.raises(IndexError):  # check=False leaves the labels to cross_entropy
+        classification_loss(logits, y + 4, check=False)
+
+
 # -- RAda-FT: freeze_backbone=False ---------------------------------------------------------------
 
 
