@@ -60,6 +60,11 @@ def wrap(
         >>> model.set_classes(["cat", "dog"], tokenizer=tokenizer)
         >>> logits = model(images)   # (B, 2)
     """
+    if isinstance(model, AdaptedCLIP):
+        raise TypeError(
+            f"the model is already an AdaptedCLIP (with a {model.adapter.config.method!r} adapter); use it as is, "
+            "or call wrap(model.unwrap(), ...) to attach a different adapter to its base model"
+        )
     chosen = detect_backend(model, backend)
     width = dim or chosen.embed_dim(model)
     if config is None:

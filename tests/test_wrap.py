@@ -156,6 +156,10 @@ WRAP_ERRORS = {
                            "heads=5 must be a positive divisor of the embedding width"),
     "config and options": (lambda: wrap(tm.open_clip_model(), config=AdapterConfig.for_method("rada", 32), heads=4),
                            TypeError, "either config= or method options"),
+    "already wrapped": (lambda: wrap(wrap(tm.open_clip_model())), TypeError,
+                        r"already an AdaptedCLIP .*; use it as is, or call wrap\(model.unwrap\(\), ...\)"),
+    "already wrapped, as generic": (lambda: wrap(wrap(tm.open_clip_model()), backend="generic", dim=32, logit_scale=1.0),
+                                    TypeError, "already an AdaptedCLIP"),
 }
 
 
