@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,20 @@ __all__ = ["AdaptedCLIP", "wrap"]
 
 Template = str | Callable[[str], str]
 DEFAULT_TEMPLATES: tuple[Template, ...] = ("a photo of a {}.",)
+
+
+@dataclass
+class _Hold:
+    """What the live wrappers of one base model share: the caller's flags from before the first wrap."""
+
+    requires_grad: dict[str, bool]  # parameter name -> requires_grad
+    modes: dict[str, bool]  # module name -> training
+    wrappers: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # live (not unwrapped) AdaptedCLIPs
+
+
+# base model -> its _Hold. Kept here, not on the model, so that wrapping never patches it; weak keys
+# and a weak set, so that a model or wrapper dropped by the caller leaves nothing behind.
+_HOLDS: weakref.WeakKeyDictionary[nn.Module, _Hold] = weakref.WeakKeyDictionary()
 
 
 def wrap(
@@ -54,6 +71,14 @@ def wrap(
         config: a full :class:`AdapterConfig` instead of ``method`` and ``options``.
         generator: draws the adapter's initial weights.
         **options: adapter options (``heads``, ``temperature``, ``alpha``, ``blend``, ...).
+
+    Wrapping freezes the backbone's parameters (all but the encoders' with
+    ``freeze_backbone=False``) and :meth:`AdaptedCLIP.unwrap` gives back the
+    caller's ``requires_grad`` flags and train/eval modes. One base model may be
+    held by several wrappers at once (e.g. two methods compared on one CLIP) if
+    they agree on ``freeze_backbone``: all of them restore the flags the model had
+    before the first of them, and the base stays frozen until the last live one is
+    unwrapped. A wrapper dropped without ``unwrap()`` leaves the base as it set it.
 
     Example:
         >>> model = wrap(open_clip_model, method="rada")
@@ -106,9 +131,10 @@ class AdaptedCLIP(nn.Module):
         self.backend = backend
         self.freeze_backbone = freeze_backbone
         self._fixed_scale = logit_scale
-        # what unwrap() restores: the caller's requires_grad flags and mode
+        # what unwrap() restores: the caller's requires_grad flags and modes from before the first wrap
         self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
         self._base_modes = {name: m.training for name, m in base.named_modules()}
+        self._hold_base()
         self._adapter_enabled = True
         self._class_tokens: list[Any] | None = None  # kept only when the text encoder trains
         self._regularization: Tensor | None = None
@@ -116,7 +142,22 @@ class AdaptedCLIP(nn.Module):
         for name, p in base.named_parameters():
             # the logit scale (and SigLIP's bias) stay frozen even in RAda-FT, as released
             p.requires_grad_(not freeze_backbone and name not in ("logit_scale", "logit_bias"))
-        self.train(base.training)
+        self.train(self._base_modes[""])
+
+    def _hold_base(self) -> None:
+        """Join the live wrappers of ``self.base``, or become the first; take the caller's flags from the first."""
+        hold = _HOLDS.get(self.base)
+        if hold is None or not hold.wrappers:
+            hold = _HOLDS[self.base] = _Hold(dict(self._base_requires_grad), dict(self._base_modes))
+        else:
+            other = next(iter(hold.wrappers))
+            if other.freeze_backbone != self.freeze_backbone:
+                raise ValueError(
+                    f"this base model is already wrapped with freeze_backbone={other.freeze_backbone}; wrappers "
+                    "sharing a base must agree on it: unwrap() the other wrapper first, or wrap a copy of the model"
+                )
+            self._base_requires_grad, self._base_modes = dict(hold.requires_grad), dict(hold.modes)
+        hold.wrappers.add(self)
 
     # -- modes ------------------------------------------------------------------------------
 
@@ -136,7 +177,22 @@ class AdaptedCLIP(nn.Module):
             self._adapter_enabled = previous
 
     def unwrap(self) -> nn.Module:
-        """The base model, with its original ``requires_grad`` flags and train/eval mode."""
+        """The base model, with its original ``requires_grad`` flags and train/eval mode.
+
+        While other live wrappers hold the same base model (see :func:`wrap`) it stays as they
+        need it, with a warning; the last of them to be unwrapped restores it.
+        """
+        hold = _HOLDS.get(self.base)
+        if hold is not None:
+            hold.wrappers.discard(self)
+            if hold.wrappers:
+                warnings.warn(
+                    f"the base model is still held by {len(hold.wrappers)} other AdaptedCLIP(s), so it stays "
+                    "frozen; its requires_grad flags and modes come back when the last of them is unwrapped",
+                    stacklevel=2,
+                )
+                return self.base
+            del _HOLDS[self.base]
         for name, p in self.base.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(name, p.requires_grad))
         for name, m in self.base.named_modules():  # per module: a caller's base.visual.eval() survives

@@ -7,7 +7,9 @@ Every CLIP family runs through the same generic tests from the ``CASES`` table
 from __future__ import annotations
 
 import ast
+import gc
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -139,6 +141,13 @@ def test_backend_override_gives_the_same_logits(name):
         assert torch.equal(forced(x), model(x))
 
 
+def _wrap_held_base(**options: Any) -> tuple[nn.Module, nn.Module]:
+    """Wrap a base model that a live wrapper already holds."""
+    base = tm.open_clip_model()
+    held = wrap(base)
+    return held, wrap(base, **options)
+
+
 WRAP_ERRORS = {
     "unknown backend": (lambda: wrap(tm.open_clip_model(), backend="tensorflow"), ValueError,
                         "unknown backend 'tensorflow'; choose one of open_clip, hf, openai, generic"),
@@ -160,6 +169,8 @@ WRAP_ERRORS = {
                         r"already an AdaptedCLIP .*; use it as is, or call wrap\(model.unwrap\(\), ...\)"),
     "already wrapped, as generic": (lambda: wrap(wrap(tm.open_clip_model()), backend="generic", dim=32, logit_scale=1.0),
                                     TypeError, "already an AdaptedCLIP"),
+    "shared base, other freezing": (lambda: _wrap_held_base(freeze_backbone=False), ValueError,
+                                    "already wrapped with freeze_backbone=True; wrappers sharing a base"),
 }
 
 
@@ -258,6 +269,45 @@ def test_unwrap_restores_each_submodules_mode():
     modes = {n: m.training for n, m in base.named_modules()}
     wrap(base, "rada").unwrap()
     assert {n: m.training for n, m in base.named_modules()} == modes
+
+
+def _callers_base() -> tuple[nn.Module, dict[str, bool], dict[str, bool]]:
+    """A base model in train mode with one tower in eval and one parameter frozen by the caller; its flags."""
+    base = tm.open_clip_model().train()
+    base.visual.eval()
+    next(iter(base.parameters())).requires_grad_(False)
+    return base, {n: p.requires_grad for n, p in base.named_parameters()}, {n: m.training for n, m in base.named_modules()}
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_two_wrappers_of_one_base_give_back_the_callers_flags(first):
+    base, flags, modes = _callers_base()
+    a, b = wrap(base, "rada"), wrap(base, "mma")  # b sees the base as a left it: frozen, in eval
+    assert a.training and b.training  # both start in the caller's mode
+    early, late = (a, b) if first == "a" else (b, a)
+    with pytest.warns(UserWarning, match="still held by 1 other AdaptedCLIP"):
+        assert early.unwrap() is base
+    assert not any(p.requires_grad for p in base.parameters())  # the other wrapper still trains on it
+    assert {id(p) for p in late.trainable_parameters()} == {id(p) for p in late.adapter.parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert late.unwrap() is base
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    assert {n: m.training for n, m in base.named_modules()} == modes
+
+
+def test_a_dropped_wrapper_no_longer_holds_the_base():
+    base, flags, modes = _callers_base()
+    a = wrap(base, "rada")
+    wrap(base, "mma")  # never unwrapped, and gone
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a.unwrap()
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    assert {n: m.training for n, m in base.named_modules()} == modes
+    b = wrap(base, "rada")  # after the last unwrap, a new wrap starts from the flags as they are now
+    assert b.unwrap() is base and {n: p.requires_grad for n, p in base.named_parameters()} == flags
 
 
 @each_case
