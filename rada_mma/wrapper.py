@@ -159,6 +159,19 @@ class AdaptedCLIP(nn.Module):
             self._base_requires_grad, self._base_modes = dict(hold.requires_grad), dict(hold.modes)
         hold.wrappers.add(self)
 
+    # -- copies -----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if self._regularization is not None:
+            # the last forward's graph cannot be copied or pickled: a copy keeps its value, without gradient
+            state["_regularization"] = self._regularization.detach()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._hold_base()  # a deep copy holds its copy of the base as the original holds the base
+
     # -- modes ------------------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> AdaptedCLIP:

@@ -7,6 +7,7 @@ Every CLIP family runs through the same generic tests from the ``CASES`` table
 from __future__ import annotations
 
 import ast
+import copy
 import gc
 import re
 import warnings
@@ -308,6 +309,32 @@ def test_a_dropped_wrapper_no_longer_holds_the_base():
     assert {n: m.training for n, m in base.named_modules()} == modes
     b = wrap(base, "rada")  # after the last unwrap, a new wrap starts from the flags as they are now
     assert b.unwrap() is base and {n: p.requires_grad for n, p in base.named_parameters()} == flags
+
+
+@pytest.mark.parametrize(("method", "freeze_backbone"), [("rada", True), ("mma+rada", True), ("rada", False)])
+def test_deepcopy_after_a_training_step_behaves_identically(method, freeze_backbone):
+    base = tm.open_clip_model()
+    model = wrap(base, method, alpha=0.5, freeze_backbone=freeze_backbone, generator=seeded(0))
+    model.set_classes(open_clip_tokens(4))
+    x, y = tm.images(8), labels_for(4)
+    tm.train_steps(model, x, y, 2, lr=1e-3)
+    model.train()
+    loss = model.loss(model(x), y)  # the model keeps this forward's regulariser, a node of the graph
+    twin = copy.deepcopy(model)
+    assert twin.base is not base
+    assert torch.equal(twin.regularization(), model.regularization().detach()) and twin.regularization() > 0
+    assert not twin.regularization().requires_grad
+    loss.backward()  # the original's graph is untouched
+    state = model.state_dict()
+    assert all(torch.equal(t, state[name]) for name, t in twin.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+        assert torch.equal(twin.regularization(), model.regularization())
+    before = clones(model)
+    tm.train_steps(twin, x, y, 2, lr=1e-3)
+    assert changed(model, before) == set()
+    assert all(p.requires_grad for p in twin.unwrap().parameters())  # the copy gives back its own base
+    assert all(p.requires_grad != freeze_backbone for n, p in base.named_parameters() if n.startswith("visual."))
 
 
 @each_case
