@@ -114,6 +114,11 @@ class AdaptedCLIP(nn.Module):
     Made by :func:`wrap`. Set the classes once with :meth:`set_classes`; train
     :meth:`trainable_parameters` with ``F.cross_entropy(logits, labels) +
     model.regularization()``; save with :meth:`save_adapter`.
+
+    ``model.half()`` or ``model.to(torch.bfloat16)`` casts the base model, the
+    adapter and the class features, as for any module: the encoders and the
+    adapter then compute in that dtype, and the encoders' outputs and the logits
+    still come back in fp32.
     """
 
     def __init__(
@@ -325,8 +330,23 @@ class AdaptedCLIP(nn.Module):
     def _store(self, features: Tensor) -> None:
         if not bool(torch.isfinite(features.detach()).all()):
             raise ValueError("class text features contain NaN or infinite values; check the tokens and the text encoder")
-        self.class_features = features.detach()
+        # in the adapter's dtype, as model.half() leaves a buffer set before it
+        self.class_features = features.detach().to(self._adapter_dtype())
         self._regularization = None
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return next(self.adapter.parameters()).dtype
+
+    def _adapter_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast to the adapter's dtype once the model was cast to half precision.
+
+        The kernels normalise features in fp32 (as the authors do), so half-precision weights need
+        autocast to meet them; with fp32 weights the caller's own autocast, if any, applies.
+        """
+        dtype = self._adapter_dtype()
+        if dtype not in (torch.float16, torch.bfloat16):
+            return contextlib.nullcontext()
+        return torch.autocast(model_device(self.adapter).type, dtype=dtype)
 
     @property
     def num_classes(self) -> int:
@@ -351,20 +371,27 @@ class AdaptedCLIP(nn.Module):
         return self.logits_from_features(self.encode_image(images), text)
 
     def logits_from_features(self, image_features: Tensor, text_features: Tensor | None = None) -> Tensor:
-        """Logits from raw image embeddings ``(B, D)`` (e.g. from a feature cache)."""
+        """Logits ``(B, K)`` in fp32 from raw image embeddings ``(B, D)`` (e.g. from a feature cache).
+
+        After ``model.half()`` (or bf16) the adapter runs under autocast to its parameters' dtype:
+        its matrix products in that dtype, norms and softmax statistics in fp32, as its kernels do
+        under any autocast. Zero-shot logits are computed in fp32.
+        """
         text = self.text_features() if text_features is None else text_features
         scale = self.logit_scale()
         if self._adapter_enabled:
-            if self.adapter.has_mask and self.adapter.config.alpha > 0:
-                logits, mask = self.adapter(image_features, text, scale, return_mask=True)
-                self._regularization = self.adapter.regularization(mask)
-            else:
-                logits = self.adapter(image_features, text, scale)
-                self._regularization = None
+            with self._adapter_precision():
+                if self.adapter.has_mask and self.adapter.config.alpha > 0:
+                    logits, mask = self.adapter(image_features, text, scale, return_mask=True)
+                    self._regularization = self.adapter.regularization(mask)
+                else:
+                    logits = self.adapter(image_features, text, scale)
+                    self._regularization = None
         else:
             self._regularization = None
-            logits = scale * kernels.normalize(image_features) @ kernels.normalize(text).T
+            logits = scale * kernels.normalize(image_features.float()) @ kernels.normalize(text.float()).T
         bias = self.logit_bias()
+        logits = logits.float()
         return logits if bias is None else logits + bias
 
     def regularization(self) -> Tensor:

@@ -736,6 +736,39 @@ def test_openai_fp16_features_run_the_adapter_in_fp32():
     assert torch.equal(logits, expected)
 
 
+# -- dtypes ---------------------------------------------------------------------------------------
+
+
+# logits are s · cos with s = 100; the kernels keep norms and softmax statistics in fp32
+HALF_ATOL = {torch.float16: 0.02, torch.bfloat16: 0.15}
+
+
+@pytest.mark.parametrize("dtype", list(HALF_ATOL), ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_model_gives_fp32_logits(method, dtype):
+    options = dict(alpha=0.1) if method in RADA_FAMILY else {}
+    model, _ = wrapped("open_clip", method, **options)
+    x, y = tm.images(4), labels_for(4, 4)
+    tm.train_steps(model, x, y, 2)  # RAda's mask moves away from 1
+    with torch.no_grad():
+        expected = model(x)
+        with model.disable_adapter():
+            expected_zero_shot = model(x)
+    assert (model.half() if dtype == torch.float16 else model.to(dtype)) is model
+    assert {p.dtype for p in model.parameters()} == {dtype} and model.class_features.dtype == dtype
+    logits = model(x)  # fp32 images, as a preprocess gives them
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=HALF_ATOL[dtype])
+    model.loss(logits, y).backward()
+    assert {p.grad.dtype for p in model.trainable_parameters() if p.grad is not None} == {dtype}
+    with torch.no_grad(), model.disable_adapter():
+        zero_shot = model(x)
+    assert zero_shot.dtype == torch.float32
+    torch.testing.assert_close(zero_shot, expected_zero_shot, rtol=0, atol=HALF_ATOL[dtype])
+    model.set_classes(NAMES[:4], tokenizer=tm.tokenizer())  # classes set after the cast keep its dtype
+    assert model.class_features.dtype == dtype
+
+
 # -- torch.compile --------------------------------------------------------------------------------
 
 
