@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import string
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ class AdaptedCLIP(nn.Module):
         self._base_modes = {name: m.training for name, m in base.named_modules()}
         self._hold_base()
         self._adapter_enabled = True
-        self._class_tokens: list[Any] | None = None  # kept only when the text encoder trains
+        self._class_tokens: Any = None  # (K, T, L) token ids, kept only when the text encoder trains
         self._regularization: Tensor | None = None
         self.register_buffer("class_features", None, persistent=False)  # (K, D) raw or ensembled
         for name, p in base.named_parameters():
@@ -256,6 +257,84 @@ class AdaptedCLIP(nn.Module):
 
     # -- classes ----------------------------------------------------------------------------
 
+    def tokenize_prompts(
+        self, classnames: Sequence[str], *, tokenizer: Callable[..., Any], templates: Sequence[Template] | None = None
+    ) -> Any:
+        """Token ids of every class in every template: ``(K, T, L)``, class-major.
+
+        ``[k, t]`` holds ``templates[t]`` filled with ``classnames[k]``. A Hugging Face
+        tokenizer gives a dict of such ``(K, T, L)`` tensors (``input_ids``, ``attention_mask``).
+        :meth:`encode_class_tokens` and :meth:`set_classes` take the result.
+
+        Args:
+            classnames: K class names.
+            tokenizer: the model's tokenizer (open_clip's, a transformers tokenizer, ``clip.tokenize``).
+            templates: T templates, strings with one ``{}`` or callables ``name -> prompt``;
+                default ``("a photo of a {}.",)``.
+
+        Example:
+            >>> tokens = model.tokenize_prompts(["cat", "dog"], tokenizer=tokenizer, templates=["a {}.", "art of a {}."])
+            >>> tokens.shape   # (2, 2, 77)
+        """
+        if isinstance(classnames, str):
+            raise TypeError("classnames must be a list of class names, not a single string")
+        if not all(isinstance(c, str) for c in classnames):
+            raise TypeError(f"class names must be strings, got {sorted({type(c).__name__ for c in classnames})}")
+        if len(classnames) == 0:
+            raise ValueError("got K = 0 class names; give at least one class")
+        templates = list(DEFAULT_TEMPLATES if templates is None else templates)
+        if not templates:
+            raise ValueError("templates is empty; give at least one, or leave it out for 'a photo of a {}.'")
+        for template in templates:
+            _check_template(template)
+        texts = [_fill(t, name) for name in classnames for t in templates]  # class-major
+        tokens = self.backend.tokenize(tokenizer, texts)  # (K·T, L)
+        shape = (len(classnames), len(templates), -1)
+        if isinstance(tokens, Tensor):
+            return tokens.reshape(shape)  # (K, T, L)
+        if isinstance(tokens, Mapping):
+            return {k: v.reshape(shape) if isinstance(v, Tensor) else v for k, v in tokens.items()}
+        raise TypeError(
+            f"the tokenizer returned a {type(tokens).__name__}; it must return token ids as a tensor "
+            "(or, for Hugging Face models, a BatchEncoding)"
+        )
+
+    def encode_class_tokens(self, tokens: Any, *, batch_size: int = 256) -> Tensor:
+        """Raw text embeddings ``(K, T, D)`` in fp32 of class prompts' token ids, not ensembled.
+
+        Args:
+            tokens: ``(K, L)`` (one prompt per class) or ``(K, T, L)`` token ids, e.g. from
+                :meth:`tokenize_prompts`; for Hugging Face models also a tokenizer's ``BatchEncoding``.
+            batch_size: prompts per pass through the text encoder.
+
+        No gradient when the backbone is frozen.
+        """
+        flat, per_class = _flat_prompts(tokens)  # (K·T, L)
+        chunks = [self.encode_text(_to_device(part, self)) for part in _batches(flat, batch_size)]
+        features = torch.cat(chunks)  # (K·T, D)
+        return features.reshape(-1, per_class, features.shape[-1])  # (K, T, D)
+
+    def encode_class_names(
+        self,
+        classnames: Sequence[str],
+        *,
+        tokenizer: Callable[..., Any],
+        templates: Sequence[Template] | None = None,
+        batch_size: int = 256,
+    ) -> Tensor:
+        """Raw text embeddings of every class in every template, ``(K, T, D)`` in fp32, not ensembled.
+
+        What :meth:`set_classes` computes from names before it ensembles the T templates;
+        arguments as :meth:`tokenize_prompts`. No gradient when the backbone is frozen.
+
+        Example:
+            >>> text = model.encode_class_names(["cat", "dog"], tokenizer=tokenizer, templates=["a {}.", "art of a {}."])
+            >>> text.shape   # (2, 2, D)
+            >>> model.set_classes(text_features=text)   # as set_classes(["cat", "dog"], tokenizer=..., templates=...)
+        """
+        tokens = self.tokenize_prompts(classnames, tokenizer=tokenizer, templates=templates)
+        return self.encode_class_tokens(tokens, batch_size=batch_size)
+
     def set_classes(
         self,
         classes: Tensor | Sequence[str] | Any | None = None,
@@ -292,17 +371,14 @@ class AdaptedCLIP(nn.Module):
         if isinstance(classes, Sequence) and all(isinstance(c, str) for c in classes):
             if tokenizer is None:
                 raise ValueError("class names need a tokenizer: set_classes(names, tokenizer=open_clip.get_tokenizer(...))")
-            if len(classes) == 0:
-                raise ValueError("set_classes got K = 0 class names; give at least one class")
-            templates = list(templates or DEFAULT_TEMPLATES)
-            texts = [_fill(t, name) for name in classes for t in templates]  # class-major
-            prompts = (self.backend.tokenize(tokenizer, texts), len(templates))
+            tokens = self.tokenize_prompts(classes, tokenizer=tokenizer, templates=templates)
         elif templates is not None or tokenizer is not None:
             raise ValueError("tokenizer= and templates= go with class names; token ids are used as given")
         else:
-            prompts = _flat_prompts(classes)
-        self._class_tokens = prompts if not self.freeze_backbone else None
-        self._store(self._encode_prompts(prompts, batch_size))
+            tokens = classes
+        features = self.encode_class_tokens(tokens, batch_size=batch_size)  # (K, T, D)
+        self._class_tokens = tokens if not self.freeze_backbone else None
+        self._store(_ensemble(features))
         return self
 
     def _check_text_features(self, features: Tensor) -> Tensor:
@@ -319,13 +395,6 @@ class AdaptedCLIP(nn.Module):
                 "(the model's embedding width)"
             )
         return features.detach().float() if self.freeze_backbone else features.float()
-
-    def _encode_prompts(self, prompts: tuple[Any, int], batch_size: int) -> Tensor:
-        """Encode ``K·T`` class-major prompts in batches and ensemble each class's T: ``(K, D)``."""
-        tokens, per_class = prompts  # a frozen base is always in eval mode (see train())
-        chunks = [self.encode_text(_to_device(part, self)) for part in _batches(tokens, batch_size)]
-        features = torch.cat(chunks)  # (K·T, D)
-        return _ensemble(features.reshape(-1, per_class, features.shape[-1]))  # (K, D)
 
     def _store(self, features: Tensor) -> None:
         if not bool(torch.isfinite(features.detach()).all()):
@@ -360,7 +429,7 @@ class AdaptedCLIP(nn.Module):
                 "before the forward pass"
             )
         if self._class_tokens is not None:  # the text encoder trains: never use stale features
-            return self._encode_prompts(self._class_tokens, batch_size=1 << 30)
+            return _ensemble(self.encode_class_tokens(self._class_tokens, batch_size=1 << 30))
         return self.class_features
 
     # -- forward ----------------------------------------------------------------------------
@@ -419,26 +488,51 @@ class AdaptedCLIP(nn.Module):
         return f"backend={self.backend.name!r}, classes={self.num_classes}, freeze_backbone={self.freeze_backbone}"
 
 
+def _check_template(template: Template) -> None:
+    """A template is a callable ``name -> prompt`` or a string with exactly one ``{}``."""
+    if callable(template):
+        return
+    if not isinstance(template, str):
+        raise TypeError(f"a template must be a string with one {{}} or a callable name -> prompt, got {template!r}")
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # an unmatched brace
+        fields = None
+    if fields != [""]:
+        raise ValueError(
+            f"template {template!r} must hold exactly one {{}} where the class name goes, e.g. 'a photo of a {{}}.' "
+            "(write a literal brace as {{ or }}, or pass a callable name -> prompt)"
+        )
+
+
 def _fill(template: Template, name: str) -> str:
-    return template(name) if callable(template) else template.format(name)
+    if not callable(template):
+        return template.format(name)
+    prompt = template(name)
+    if not isinstance(prompt, str):
+        raise TypeError(f"template {template!r} returned a {type(prompt).__name__} for {name!r}; it must return a string")
+    return prompt
 
 
 def _flat_prompts(tokens: Any) -> tuple[Any, int]:
     """Token ids as ``(K·T, L)`` class-major rows and the number T of prompts per class."""
+    if isinstance(tokens, Mapping) and "input_ids" in tokens:  # a tokenizer's BatchEncoding
+        ids = tokens["input_ids"]
+    elif isinstance(tokens, Tensor):
+        ids = tokens
+    else:
+        raise TypeError(
+            f"classes must be token ids (a tensor), a tokenizer's output, or a list of names; got {type(tokens).__name__}"
+        )
+    if ids.dim() not in (2, 3):
+        raise ValueError(f"token ids must be (K, L) or (K, T, L), got shape {tuple(ids.shape)}")
+    if ids.shape[0] == 0:
+        raise ValueError("got K = 0 classes of token ids; give at least one class")
+    per_class = 1 if ids.dim() == 2 else ids.shape[1]
     if isinstance(tokens, Tensor):
-        if tokens.dim() not in (2, 3):
-            raise ValueError(f"token ids must be (K, L) or (K, T, L), got shape {tuple(tokens.shape)}")
-        if tokens.shape[0] == 0:
-            raise ValueError("set_classes got K = 0 classes; give at least one class")
-        per_class = 1 if tokens.dim() == 2 else tokens.shape[1]
-        return tokens.reshape(-1, tokens.shape[-1]), per_class
-    if hasattr(tokens, "keys") and "input_ids" in tokens:  # a tokenizer's BatchEncoding, one prompt per class
-        if tokens["input_ids"].shape[0] == 0:
-            raise ValueError("set_classes got K = 0 token rows; give at least one class")
-        return tokens, 1
-    raise TypeError(
-        f"classes must be token ids (a tensor), a tokenizer's output, or a list of names; got {type(tokens).__name__}"
-    )
+        return tokens.flatten(0, -2), per_class  # (K·T, L)
+    flat = {k: v.flatten(0, -2) if isinstance(v, Tensor) and v.dim() == ids.dim() else v for k, v in tokens.items()}
+    return flat, per_class
 
 
 def _batches(tokens: Any, size: int) -> Iterator[Any]:
@@ -447,7 +541,7 @@ def _batches(tokens: Any, size: int) -> Iterator[Any]:
         if isinstance(tokens, Tensor):
             yield tokens[start : start + size]
         else:
-            yield {k: v[start : start + size] for k, v in tokens.items()}
+            yield {k: v[start : start + size] if isinstance(v, Tensor) else v for k, v in tokens.items()}
 
 
 def _to_device(tokens: Any, model: AdaptedCLIP) -> Any:

@@ -4,6 +4,7 @@ check that training from cached features is training through the encoders, bit f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -260,6 +261,27 @@ def test_class_texts_per_template(model, tmp_path, caplog):
     from_cache = model.class_features.clone()
     model.set_classes(names, tokenizer=tokenizer, templates=templates)
     torch.testing.assert_close(from_cache, model.class_features)
+
+
+def test_class_texts_take_the_templates_set_classes_takes(model):
+    tokenizer = tiny_models.tokenizer()
+    names, templates = ["cat", "red fox"], ["a photo of a {}.", lambda c: f"art of the {c}."]
+    text = encode_class_texts(model, names, templates, tokenizer=tokenizer)
+    assert torch.equal(text, model.encode_class_names(names, tokenizer=tokenizer, templates=templates))
+    with pytest.raises(ValueError, match=r"template 'a photo\.' must hold exactly one \{\}"):
+        encode_class_texts(model, names, ["a photo."], tokenizer=tokenizer)
+
+
+def test_text_cache_fingerprints_the_tokenizers_rows(model, tmp_path):
+    """The tokens' digest is that of the tokenizer's (K·T, L) output, as it always was: old caches stay valid."""
+    from rada_mma.cache import _tokens_digest
+
+    tokenizer, names, templates = tiny_models.tokenizer(), ["cat", "red fox"], ["a photo of a {}.", "{} texture."]
+    path = tmp_path / "text.safetensors"
+    encode_class_texts(model, names, templates, tokenizer=tokenizer, cache_path=path)
+    with safe_open(str(path), framework="pt") as fh:
+        parts = json.loads(fh.metadata()["parts"])
+    assert parts["tokens"] == _tokens_digest(tokenizer([t.format(c) for c in names for t in templates]))
 
 
 # -- training from the cache is training through the encoders ----------------------------------

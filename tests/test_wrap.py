@@ -649,6 +649,16 @@ SET_CLASSES_ERRORS = {
     "token ids with templates": (lambda m: m.set_classes(open_clip_tokens(2), templates=["{}"]), ValueError,
                                  "go with class names"),
     "not tokens": (lambda m: m.set_classes(3.5), TypeError, "classes must be token ids"),
+    "template without {}": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=["a photo."]),
+                            ValueError, r"template 'a photo.' must hold exactly one \{\} where the class name goes"),
+    "template with two {}": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=["a {} of a {}."]),
+                             ValueError, r"must hold exactly one \{\}"),
+    "template with a stray brace": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=["a {} {"]),
+                                    ValueError, r"must hold exactly one \{\}"),
+    "template not text": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=[3]), TypeError,
+                          "a template must be a string with one {} or a callable"),
+    "no templates": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=[]), ValueError,
+                     "templates is empty"),
 }
 
 
@@ -660,6 +670,35 @@ def test_set_classes_errors(case):
     with pytest.raises(error, match=message):
         call(model)
     assert torch.equal(model.class_features, before)  # a rejected call changes nothing
+
+
+def test_encode_class_names_gives_each_prompts_raw_features():
+    model, base = wrapped("open_clip", k=1)
+    tok, templates = tm.tokenizer(), TEMPLATES["format strings"]
+    texts = [t.format(c) for c in NAMES[:4] for t in templates]  # class-major
+    tokens = model.tokenize_prompts(NAMES[:4], tokenizer=tok, templates=templates)
+    assert torch.equal(tokens, tok(texts).reshape(4, 3, tm.CONTEXT))  # (K, T, L)
+    text = model.encode_class_names(NAMES[:4], tokenizer=tok, templates=templates, batch_size=5)
+    assert text.shape == (4, 3, tm.EMBED_DIM) and text.dtype == torch.float32 and not text.requires_grad
+    with torch.no_grad():
+        expected = base.encode_text(tok(texts)).reshape(4, 3, -1)
+    torch.testing.assert_close(text, expected, rtol=1e-6, atol=1e-6)
+    # names, their tokens and their features set the same classes
+    model.set_classes(NAMES[:4], tokenizer=tok, templates=templates)
+    from_names = model.class_features.clone()
+    model.set_classes(tokens)
+    assert torch.equal(model.class_features, from_names)
+    model.set_classes(text_features=text)
+    torch.testing.assert_close(model.class_features, from_names, rtol=1e-6, atol=1e-6)
+
+
+def test_encode_class_names_has_a_gradient_only_when_the_text_encoder_trains():
+    tok = tm.tokenizer()
+    frozen = wrap(tm.open_clip_model()).encode_class_names(NAMES[:2], tokenizer=tok)
+    trained = wrap(tm.open_clip_model(), freeze_backbone=False).encode_class_names(NAMES[:2], tokenizer=tok)
+    assert frozen.shape == trained.shape == (2, 1, tm.EMBED_DIM)
+    assert not frozen.requires_grad and trained.requires_grad
+    torch.testing.assert_close(frozen, trained.detach(), rtol=0, atol=0)
 
 
 # -- Hugging Face and OpenAI specifics ------------------------------------------------------------
@@ -688,6 +727,22 @@ def test_hf_names_with_a_transformers_tokenizer(name):
         each = base.get_text_features(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
     expected = F.normalize(F.normalize(each, dim=-1).reshape(len(NAMES), 2, -1).mean(1), dim=-1)
     torch.testing.assert_close(model.class_features, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_hf_prompts_per_template():
+    model, base = wrapped("hf_clip", k=1)
+    tokenizer, templates = tm.hf_tokenizer(), ["a photo of a {} .", "the {}"]
+    tokens = model.tokenize_prompts(NAMES, tokenizer=tokenizer, templates=templates)
+    assert tokens["input_ids"].shape[:2] == tokens["attention_mask"].shape[:2] == (len(NAMES), 2)
+    text = model.encode_class_names(NAMES, tokenizer=tokenizer, templates=templates, batch_size=5)
+    texts = [t.format(c) for c in NAMES for t in templates]
+    with torch.no_grad():
+        each = base.get_text_features(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
+    torch.testing.assert_close(text, each.reshape(len(NAMES), 2, -1), rtol=1e-6, atol=1e-6)
+    model.set_classes(tokens)
+    from_tokens = model.class_features.clone()
+    model.set_classes(NAMES, tokenizer=tokenizer, templates=templates)
+    assert torch.equal(model.class_features, from_tokens)
 
 
 @pytest.mark.parametrize("name", ["hf_clip", "hf_siglip"])
