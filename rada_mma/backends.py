@@ -61,7 +61,9 @@ class OpenCLIPBackend(Backend):
     name = "open_clip"
 
     def encode_image(self, model, images):
-        return model.encode_image(images, normalize=False)
+        # open_clip's towers do not cast their input (OpenAI's and Hugging Face's do): after
+        # model.half(), fp32 images would meet fp16 weights
+        return model.encode_image(_in_dtype_of(images, model.visual), normalize=False)
 
     def encode_text(self, model, tokens):
         return model.encode_text(tokens, normalize=False)
@@ -149,6 +151,15 @@ def detect_backend(model: nn.Module, override: str | None = None) -> Backend:
         f"cannot adapt {type(model).__name__}: it is not an open_clip, Hugging Face or OpenAI CLIP and has "
         "no encode_image/encode_text methods; add them, or pass backend='open_clip'|'hf'|'openai'"
     )
+
+
+def _in_dtype_of(x: Any, module: nn.Module) -> Any:
+    """A floating-point tensor ``x`` in the dtype of ``module``'s parameters; anything else as given."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return x
+    for parameter in module.parameters():
+        return x.to(parameter.dtype)
+    return x
 
 
 def model_device(model: nn.Module) -> torch.device:

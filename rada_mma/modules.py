@@ -26,6 +26,7 @@ __all__ = [
     "RationalMask",
     "ResidualAdapter",
     "build_adapter",
+    "classification_loss",
 ]
 
 
@@ -155,11 +156,34 @@ class _Adapter(nn.Module):
 
     def loss(self, logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
         """Cross-entropy plus the regulariser, as the released trainers compute it."""
-        check_labels(labels, logits)
-        return F.cross_entropy(logits.float(), labels) + self.regularization(mask)
+        return classification_loss(logits, labels, self.regularization(mask))
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def classification_loss(
+    logits: Tensor, labels: Tensor, regularization: Tensor | None = None, *, check: bool = True
+) -> Tensor:
+    """``F.cross_entropy(logits, labels) + regularization``: the loss every adapter trains with.
+
+    The cross-entropy runs in fp32 whatever the logits' dtype (fp16 and bf16 logits lose
+    too much in the log-softmax), as the released trainers compute it.
+
+    Args:
+        logits: ``(B, K)`` logits.
+        labels: ``(B,)`` integer class indices in ``[0, K)``.
+        regularization: the adapter's ``alpha · reg(mask)`` (a scalar), or ``None``.
+        check: check the labels (see :func:`check_labels`); ``False`` in a hot loop whose
+            labels were checked once.
+
+    Example:
+        >>> loss = classification_loss(model(images), labels, model.regularization())
+    """
+    if check:
+        check_labels(labels, logits)
+    loss = F.cross_entropy(logits.float(), labels)
+    return loss if regularization is None else loss + regularization
 
 
 def check_labels(labels: Tensor, logits: Tensor) -> None:

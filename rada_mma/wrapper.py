@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+import string
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,27 @@ from torch import Tensor, nn
 from . import kernels
 from .backends import Backend, detect_backend, model_device
 from .config import AdapterConfig
-from .modules import _Adapter, build_adapter, check_labels
+from .modules import _Adapter, build_adapter, classification_loss
 from .serialization import load_adapter, save_adapter
 
 __all__ = ["AdaptedCLIP", "wrap"]
 
 Template = str | Callable[[str], str]
 DEFAULT_TEMPLATES: tuple[Template, ...] = ("a photo of a {}.",)
+
+
+@dataclass
+class _Hold:
+    """What the live wrappers of one base model share: the caller's flags from before the first wrap."""
+
+    requires_grad: dict[str, bool]  # parameter name -> requires_grad
+    modes: dict[str, bool]  # module name -> training
+    wrappers: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # live (not unwrapped) AdaptedCLIPs
+
+
+# base model -> its _Hold. Kept here, not on the model, so that wrapping never patches it; weak keys
+# and a weak set, so that a model or wrapper dropped by the caller leaves nothing behind.
+_HOLDS: weakref.WeakKeyDictionary[nn.Module, _Hold] = weakref.WeakKeyDictionary()
 
 
 def wrap(
@@ -55,11 +73,24 @@ def wrap(
         generator: draws the adapter's initial weights.
         **options: adapter options (``heads``, ``temperature``, ``alpha``, ``blend``, ...).
 
+    Wrapping freezes the backbone's parameters (all but the encoders' with
+    ``freeze_backbone=False``) and :meth:`AdaptedCLIP.unwrap` gives back the
+    caller's ``requires_grad`` flags and train/eval modes. One base model may be
+    held by several wrappers at once (e.g. two methods compared on one CLIP) if
+    they agree on ``freeze_backbone``: all of them restore the flags the model had
+    before the first of them, and the base stays frozen until the last live one is
+    unwrapped. A wrapper dropped without ``unwrap()`` leaves the base as it set it.
+
     Example:
         >>> model = wrap(open_clip_model, method="rada")
         >>> model.set_classes(["cat", "dog"], tokenizer=tokenizer)
         >>> logits = model(images)   # (B, 2)
     """
+    if isinstance(model, AdaptedCLIP):
+        raise TypeError(
+            f"the model is already an AdaptedCLIP (with a {model.adapter.config.method!r} adapter); use it as is, "
+            "or call wrap(model.unwrap(), ...) to attach a different adapter to its base model"
+        )
     chosen = detect_backend(model, backend)
     width = dim or chosen.embed_dim(model)
     if config is None:
@@ -84,6 +115,11 @@ class AdaptedCLIP(nn.Module):
     Made by :func:`wrap`. Set the classes once with :meth:`set_classes`; train
     :meth:`trainable_parameters` with ``F.cross_entropy(logits, labels) +
     model.regularization()``; save with :meth:`save_adapter`.
+
+    ``model.half()`` or ``model.to(torch.bfloat16)`` casts the base model, the
+    adapter and the class features, as for any module: the encoders and the
+    adapter then compute in that dtype, and the encoders' outputs and the logits
+    still come back in fp32.
     """
 
     def __init__(
@@ -101,17 +137,46 @@ class AdaptedCLIP(nn.Module):
         self.backend = backend
         self.freeze_backbone = freeze_backbone
         self._fixed_scale = logit_scale
-        # what unwrap() restores: the caller's requires_grad flags and mode
+        # what unwrap() restores: the caller's requires_grad flags and modes from before the first wrap
         self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
         self._base_modes = {name: m.training for name, m in base.named_modules()}
+        self._hold_base()
         self._adapter_enabled = True
-        self._class_tokens: list[Any] | None = None  # kept only when the text encoder trains
+        self._class_tokens: Any = None  # (K, T, L) token ids, kept only when the text encoder trains
         self._regularization: Tensor | None = None
         self.register_buffer("class_features", None, persistent=False)  # (K, D) raw or ensembled
         for name, p in base.named_parameters():
             # the logit scale (and SigLIP's bias) stay frozen even in RAda-FT, as released
             p.requires_grad_(not freeze_backbone and name not in ("logit_scale", "logit_bias"))
-        self.train(base.training)
+        self.train(self._base_modes[""])
+
+    def _hold_base(self) -> None:
+        """Join the live wrappers of ``self.base``, or become the first; take the caller's flags from the first."""
+        hold = _HOLDS.get(self.base)
+        if hold is None or not hold.wrappers:
+            hold = _HOLDS[self.base] = _Hold(dict(self._base_requires_grad), dict(self._base_modes))
+        else:
+            other = next(iter(hold.wrappers))
+            if other.freeze_backbone != self.freeze_backbone:
+                raise ValueError(
+                    f"this base model is already wrapped with freeze_backbone={other.freeze_backbone}; wrappers "
+                    "sharing a base must agree on it: unwrap() the other wrapper first, or wrap a copy of the model"
+                )
+            self._base_requires_grad, self._base_modes = dict(hold.requires_grad), dict(hold.modes)
+        hold.wrappers.add(self)
+
+    # -- copies -----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if self._regularization is not None:
+            # the last forward's graph cannot be copied or pickled: a copy keeps its value, without gradient
+            state["_regularization"] = self._regularization.detach()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._hold_base()  # a deep copy holds its copy of the base as the original holds the base
 
     # -- modes ------------------------------------------------------------------------------
 
@@ -131,7 +196,22 @@ class AdaptedCLIP(nn.Module):
             self._adapter_enabled = previous
 
     def unwrap(self) -> nn.Module:
-        """The base model, with its original ``requires_grad`` flags and train/eval mode."""
+        """The base model, with its original ``requires_grad`` flags and train/eval mode.
+
+        While other live wrappers hold the same base model (see :func:`wrap`) it stays as they
+        need it, with a warning; the last of them to be unwrapped restores it.
+        """
+        hold = _HOLDS.get(self.base)
+        if hold is not None:
+            hold.wrappers.discard(self)
+            if hold.wrappers:
+                warnings.warn(
+                    f"the base model is still held by {len(hold.wrappers)} other AdaptedCLIP(s), so it stays "
+                    "frozen; its requires_grad flags and modes come back when the last of them is unwrapped",
+                    stacklevel=2,
+                )
+                return self.base
+            del _HOLDS[self.base]
         for name, p in self.base.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(name, p.requires_grad))
         for name, m in self.base.named_modules():  # per module: a caller's base.visual.eval() survives
@@ -177,6 +257,84 @@ class AdaptedCLIP(nn.Module):
 
     # -- classes ----------------------------------------------------------------------------
 
+    def tokenize_prompts(
+        self, classnames: Sequence[str], *, tokenizer: Callable[..., Any], templates: Sequence[Template] | None = None
+    ) -> Any:
+        """Token ids of every class in every template: ``(K, T, L)``, class-major.
+
+        ``[k, t]`` holds ``templates[t]`` filled with ``classnames[k]``. A Hugging Face
+        tokenizer gives a dict of such ``(K, T, L)`` tensors (``input_ids``, ``attention_mask``).
+        :meth:`encode_class_tokens` and :meth:`set_classes` take the result.
+
+        Args:
+            classnames: K class names.
+            tokenizer: the model's tokenizer (open_clip's, a transformers tokenizer, ``clip.tokenize``).
+            templates: T templates, strings with one ``{}`` or callables ``name -> prompt``;
+                default ``("a photo of a {}.",)``.
+
+        Example:
+            >>> tokens = model.tokenize_prompts(["cat", "dog"], tokenizer=tokenizer, templates=["a {}.", "art of a {}."])
+            >>> tokens.shape   # (2, 2, 77)
+        """
+        if isinstance(classnames, str):
+            raise TypeError("classnames must be a list of class names, not a single string")
+        if not all(isinstance(c, str) for c in classnames):
+            raise TypeError(f"class names must be strings, got {sorted({type(c).__name__ for c in classnames})}")
+        if len(classnames) == 0:
+            raise ValueError("got K = 0 class names; give at least one class")
+        templates = list(DEFAULT_TEMPLATES if templates is None else templates)
+        if not templates:
+            raise ValueError("templates is empty; give at least one, or leave it out for 'a photo of a {}.'")
+        for template in templates:
+            _check_template(template)
+        texts = [_fill(t, name) for name in classnames for t in templates]  # class-major
+        tokens = self.backend.tokenize(tokenizer, texts)  # (K·T, L)
+        shape = (len(classnames), len(templates), -1)
+        if isinstance(tokens, Tensor):
+            return tokens.reshape(shape)  # (K, T, L)
+        if isinstance(tokens, Mapping):
+            return {k: v.reshape(shape) if isinstance(v, Tensor) else v for k, v in tokens.items()}
+        raise TypeError(
+            f"the tokenizer returned a {type(tokens).__name__}; it must return token ids as a tensor "
+            "(or, for Hugging Face models, a BatchEncoding)"
+        )
+
+    def encode_class_tokens(self, tokens: Any, *, batch_size: int = 256) -> Tensor:
+        """Raw text embeddings ``(K, T, D)`` in fp32 of class prompts' token ids, not ensembled.
+
+        Args:
+            tokens: ``(K, L)`` (one prompt per class) or ``(K, T, L)`` token ids, e.g. from
+                :meth:`tokenize_prompts`; for Hugging Face models also a tokenizer's ``BatchEncoding``.
+            batch_size: prompts per pass through the text encoder.
+
+        No gradient when the backbone is frozen.
+        """
+        flat, per_class = _flat_prompts(tokens)  # (K·T, L)
+        chunks = [self.encode_text(_to_device(part, self)) for part in _batches(flat, batch_size)]
+        features = torch.cat(chunks)  # (K·T, D)
+        return features.reshape(-1, per_class, features.shape[-1])  # (K, T, D)
+
+    def encode_class_names(
+        self,
+        classnames: Sequence[str],
+        *,
+        tokenizer: Callable[..., Any],
+        templates: Sequence[Template] | None = None,
+        batch_size: int = 256,
+    ) -> Tensor:
+        """Raw text embeddings of every class in every template, ``(K, T, D)`` in fp32, not ensembled.
+
+        What :meth:`set_classes` computes from names before it ensembles the T templates;
+        arguments as :meth:`tokenize_prompts`. No gradient when the backbone is frozen.
+
+        Example:
+            >>> text = model.encode_class_names(["cat", "dog"], tokenizer=tokenizer, templates=["a {}.", "art of a {}."])
+            >>> text.shape   # (2, 2, D)
+            >>> model.set_classes(text_features=text)   # as set_classes(["cat", "dog"], tokenizer=..., templates=...)
+        """
+        tokens = self.tokenize_prompts(classnames, tokenizer=tokenizer, templates=templates)
+        return self.encode_class_tokens(tokens, batch_size=batch_size)
+
     def set_classes(
         self,
         classes: Tensor | Sequence[str] | Any | None = None,
@@ -213,17 +371,14 @@ class AdaptedCLIP(nn.Module):
         if isinstance(classes, Sequence) and all(isinstance(c, str) for c in classes):
             if tokenizer is None:
                 raise ValueError("class names need a tokenizer: set_classes(names, tokenizer=open_clip.get_tokenizer(...))")
-            if len(classes) == 0:
-                raise ValueError("set_classes got K = 0 class names; give at least one class")
-            templates = list(templates or DEFAULT_TEMPLATES)
-            texts = [_fill(t, name) for name in classes for t in templates]  # class-major
-            prompts = (self.backend.tokenize(tokenizer, texts), len(templates))
+            tokens = self.tokenize_prompts(classes, tokenizer=tokenizer, templates=templates)
         elif templates is not None or tokenizer is not None:
             raise ValueError("tokenizer= and templates= go with class names; token ids are used as given")
         else:
-            prompts = _flat_prompts(classes)
-        self._class_tokens = prompts if not self.freeze_backbone else None
-        self._store(self._encode_prompts(prompts, batch_size))
+            tokens = classes
+        features = self.encode_class_tokens(tokens, batch_size=batch_size)  # (K, T, D)
+        self._class_tokens = tokens if not self.freeze_backbone else None
+        self._store(_ensemble(features))
         return self
 
     def _check_text_features(self, features: Tensor) -> Tensor:
@@ -241,18 +396,26 @@ class AdaptedCLIP(nn.Module):
             )
         return features.detach().float() if self.freeze_backbone else features.float()
 
-    def _encode_prompts(self, prompts: tuple[Any, int], batch_size: int) -> Tensor:
-        """Encode ``K·T`` class-major prompts in batches and ensemble each class's T: ``(K, D)``."""
-        tokens, per_class = prompts  # a frozen base is always in eval mode (see train())
-        chunks = [self.encode_text(_to_device(part, self)) for part in _batches(tokens, batch_size)]
-        features = torch.cat(chunks)  # (K·T, D)
-        return _ensemble(features.reshape(-1, per_class, features.shape[-1]))  # (K, D)
-
     def _store(self, features: Tensor) -> None:
         if not bool(torch.isfinite(features.detach()).all()):
             raise ValueError("class text features contain NaN or infinite values; check the tokens and the text encoder")
-        self.class_features = features.detach()
+        # in the adapter's dtype, as model.half() leaves a buffer set before it
+        self.class_features = features.detach().to(self._adapter_dtype())
         self._regularization = None
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return next(self.adapter.parameters()).dtype
+
+    def _adapter_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast to the adapter's dtype once the model was cast to half precision.
+
+        The kernels normalise features in fp32 (as the authors do), so half-precision weights need
+        autocast to meet them; with fp32 weights the caller's own autocast, if any, applies.
+        """
+        dtype = self._adapter_dtype()
+        if dtype not in (torch.float16, torch.bfloat16):
+            return contextlib.nullcontext()
+        return torch.autocast(model_device(self.adapter).type, dtype=dtype)
 
     @property
     def num_classes(self) -> int:
@@ -266,7 +429,7 @@ class AdaptedCLIP(nn.Module):
                 "before the forward pass"
             )
         if self._class_tokens is not None:  # the text encoder trains: never use stale features
-            return self._encode_prompts(self._class_tokens, batch_size=1 << 30)
+            return _ensemble(self.encode_class_tokens(self._class_tokens, batch_size=1 << 30))
         return self.class_features
 
     # -- forward ----------------------------------------------------------------------------
@@ -277,20 +440,27 @@ class AdaptedCLIP(nn.Module):
         return self.logits_from_features(self.encode_image(images), text)
 
     def logits_from_features(self, image_features: Tensor, text_features: Tensor | None = None) -> Tensor:
-        """Logits from raw image embeddings ``(B, D)`` (e.g. from a feature cache)."""
+        """Logits ``(B, K)`` in fp32 from raw image embeddings ``(B, D)`` (e.g. from a feature cache).
+
+        After ``model.half()`` (or bf16) the adapter runs under autocast to its parameters' dtype:
+        its matrix products in that dtype, norms and softmax statistics in fp32, as its kernels do
+        under any autocast. Zero-shot logits are computed in fp32.
+        """
         text = self.text_features() if text_features is None else text_features
         scale = self.logit_scale()
         if self._adapter_enabled:
-            if self.adapter.has_mask and self.adapter.config.alpha > 0:
-                logits, mask = self.adapter(image_features, text, scale, return_mask=True)
-                self._regularization = self.adapter.regularization(mask)
-            else:
-                logits = self.adapter(image_features, text, scale)
-                self._regularization = None
+            with self._adapter_precision():
+                if self.adapter.has_mask and self.adapter.config.alpha > 0:
+                    logits, mask = self.adapter(image_features, text, scale, return_mask=True)
+                    self._regularization = self.adapter.regularization(mask)
+                else:
+                    logits = self.adapter(image_features, text, scale)
+                    self._regularization = None
         else:
             self._regularization = None
-            logits = scale * kernels.normalize(image_features) @ kernels.normalize(text).T
+            logits = scale * kernels.normalize(image_features.float()) @ kernels.normalize(text.float()).T
         bias = self.logit_bias()
+        logits = logits.float()
         return logits if bias is None else logits + bias
 
     def regularization(self) -> Tensor:
@@ -301,8 +471,7 @@ class AdaptedCLIP(nn.Module):
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """``F.cross_entropy(logits, labels) + self.regularization()``, with the labels checked."""
-        check_labels(labels, logits)
-        return torch.nn.functional.cross_entropy(logits.float(), labels) + self.regularization()
+        return classification_loss(logits, labels, self.regularization())
 
     # -- saving -----------------------------------------------------------------------------
 
@@ -319,26 +488,51 @@ class AdaptedCLIP(nn.Module):
         return f"backend={self.backend.name!r}, classes={self.num_classes}, freeze_backbone={self.freeze_backbone}"
 
 
+def _check_template(template: Template) -> None:
+    """A template is a callable ``name -> prompt`` or a string with exactly one ``{}``."""
+    if callable(template):
+        return
+    if not isinstance(template, str):
+        raise TypeError(f"a template must be a string with one {{}} or a callable name -> prompt, got {template!r}")
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # an unmatched brace
+        fields = None
+    if fields != [""]:
+        raise ValueError(
+            f"template {template!r} must hold exactly one {{}} where the class name goes, e.g. 'a photo of a {{}}.' "
+            "(write a literal brace as {{ or }}, or pass a callable name -> prompt)"
+        )
+
+
 def _fill(template: Template, name: str) -> str:
-    return template(name) if callable(template) else template.format(name)
+    if not callable(template):
+        return template.format(name)
+    prompt = template(name)
+    if not isinstance(prompt, str):
+        raise TypeError(f"template {template!r} returned a {type(prompt).__name__} for {name!r}; it must return a string")
+    return prompt
 
 
 def _flat_prompts(tokens: Any) -> tuple[Any, int]:
     """Token ids as ``(K·T, L)`` class-major rows and the number T of prompts per class."""
+    if isinstance(tokens, Mapping) and "input_ids" in tokens:  # a tokenizer's BatchEncoding
+        ids = tokens["input_ids"]
+    elif isinstance(tokens, Tensor):
+        ids = tokens
+    else:
+        raise TypeError(
+            f"classes must be token ids (a tensor), a tokenizer's output, or a list of names; got {type(tokens).__name__}"
+        )
+    if ids.dim() not in (2, 3):
+        raise ValueError(f"token ids must be (K, L) or (K, T, L), got shape {tuple(ids.shape)}")
+    if ids.shape[0] == 0:
+        raise ValueError("got K = 0 classes of token ids; give at least one class")
+    per_class = 1 if ids.dim() == 2 else ids.shape[1]
     if isinstance(tokens, Tensor):
-        if tokens.dim() not in (2, 3):
-            raise ValueError(f"token ids must be (K, L) or (K, T, L), got shape {tuple(tokens.shape)}")
-        if tokens.shape[0] == 0:
-            raise ValueError("set_classes got K = 0 classes; give at least one class")
-        per_class = 1 if tokens.dim() == 2 else tokens.shape[1]
-        return tokens.reshape(-1, tokens.shape[-1]), per_class
-    if hasattr(tokens, "keys") and "input_ids" in tokens:  # a tokenizer's BatchEncoding, one prompt per class
-        if tokens["input_ids"].shape[0] == 0:
-            raise ValueError("set_classes got K = 0 token rows; give at least one class")
-        return tokens, 1
-    raise TypeError(
-        f"classes must be token ids (a tensor), a tokenizer's output, or a list of names; got {type(tokens).__name__}"
-    )
+        return tokens.flatten(0, -2), per_class  # (K·T, L)
+    flat = {k: v.flatten(0, -2) if isinstance(v, Tensor) and v.dim() == ids.dim() else v for k, v in tokens.items()}
+    return flat, per_class
 
 
 def _batches(tokens: Any, size: int) -> Iterator[Any]:
@@ -347,7 +541,7 @@ def _batches(tokens: Any, size: int) -> Iterator[Any]:
         if isinstance(tokens, Tensor):
             yield tokens[start : start + size]
         else:
-            yield {k: v[start : start + size] for k, v in tokens.items()}
+            yield {k: v[start : start + size] if isinstance(v, Tensor) else v for k, v in tokens.items()}
 
 
 def _to_device(tokens: Any, model: AdaptedCLIP) -> Any:

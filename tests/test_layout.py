@@ -144,7 +144,7 @@ def code_lines(path: Path) -> list[tuple[int, str]]:
 
 def test_no_block_of_code_is_written_twice():
     seen: dict[tuple[str, ...], list[str]] = defaultdict(list)
-    for module, path in MODULES.items():
+    for path in MODULES.values():
         lines = code_lines(path)
         for i in range(len(lines) - REPEATED_LINES + 1):
             window = tuple(text for _, text in lines[i : i + REPEATED_LINES])

@@ -486,30 +486,37 @@ def _load_cached(
     return Features(image=image.cpu(), labels=labels, fingerprint=fingerprint)
 
 
-def _read_if_fresh(
-    path: Path, fingerprint: str, parts: Mapping[str, str], labels: Tensor, views: int
-) -> Features | None:
+def _is_fresh(path: Path, fingerprint: str, parts: Mapping[str, str], kind: str) -> bool:
+    """Whether ``path`` holds ``kind`` features of exactly this fingerprint; stale or unreadable files are
+    reported (and will be rebuilt), a file that is not a rada_mma cache of that kind is never overwritten."""
+    what = "feature cache" if kind == "image" else f"{kind} feature cache"
     if not path.exists():
-        return None
+        return False
     try:
         meta = _metadata(path)
     except ValueError as err:
-        logger.warning("feature cache %s is unreadable (%s); rebuilding it", path, err)
-        return None
-    if meta.get("format") != FORMAT:
+        logger.warning("%s %s is unreadable (%s); rebuilding it", what, path, err)
+        return False
+    if meta.get("format") != FORMAT or meta.get("kind") != kind:
         raise ValueError(
-            f"{path} is not a rada_mma feature cache (metadata format={meta.get('format')!r}); it is not overwritten: "
-            "choose another cache_path, or delete the file"
+            f"{path} is not a rada_mma {what} (metadata format={meta.get('format')!r}, kind={meta.get('kind')!r}); "
+            "it is not overwritten: choose another cache_path, or delete the file"
         )
-    if meta.get("fingerprint") != fingerprint:
-        try:
-            old = json.loads(meta.get("parts", "{}"))
-        except json.JSONDecodeError:
-            old = {}
-        changed = [key for key in parts if old.get(key) != parts[key]] or ["fingerprint"]
-        logger.warning(
-            "feature cache %s is stale (%s changed since it was built); rebuilding it", path, ", ".join(changed)
-        )
+    if meta.get("fingerprint") == fingerprint:
+        return True
+    try:
+        old = json.loads(meta.get("parts", "{}"))
+    except json.JSONDecodeError:
+        old = {}
+    changed = [key for key in parts if old.get(key) != parts[key]] or ["fingerprint"]
+    logger.warning("%s %s is stale (%s changed since it was built); rebuilding it", what, path, ", ".join(changed))
+    return False
+
+
+def _read_if_fresh(
+    path: Path, fingerprint: str, parts: Mapping[str, str], labels: Tensor, views: int
+) -> Features | None:
+    if not _is_fresh(path, fingerprint, parts, "image"):
         return None
     features = load_features(path)
     if not torch.equal(features.labels, labels) or features.views != views:
@@ -539,7 +546,8 @@ def encode_class_texts(
     Args:
         model: an :class:`~rada_mma.AdaptedCLIP`.
         classnames: K class names.
-        templates: T templates with ``{}`` (see :func:`rada_mma.templates.templates_for`).
+        templates: T templates, strings with one ``{}`` or callables ``name -> prompt``
+            (see :func:`rada_mma.templates.templates_for`).
         tokenizer: the model's tokenizer.
         batch_size: prompts per forward pass.
         cache_path: keep them in a safetensors file, fingerprinted by the model's weights and the token ids.
@@ -552,16 +560,20 @@ def encode_class_texts(
     classnames, templates = list(classnames), list(templates)
     if not classnames or not templates:
         raise ValueError("give at least one class name and one template")
-    texts = [template.format(name) for name in classnames for template in templates]  # class-major
-    tokens = model.backend.tokenize(tokenizer, texts)
+    tokens = model.tokenize_prompts(classnames, tokenizer=tokenizer, templates=templates)  # (K, T, L)
     path = Path(cache_path) if cache_path is not None else None
     fingerprint = parts = None
     if path is not None:
+        # fingerprinted as (K·T, L) rows, as before tokenize_prompts: existing caches stay valid
+        if isinstance(tokens, Mapping):
+            rows = {k: v.flatten(0, 1) if isinstance(v, Tensor) else v for k, v in tokens.items()}
+        else:
+            rows = tokens.flatten(0, 1)
         parts = {
             "format": f"{FORMAT}/{FORMAT_VERSION}",
             "model": f"{type(model.base).__module__}.{type(model.base).__qualname__}/backend={model.backend.name}",
             "weights": weights_digest(model.base),
-            "tokens": _tokens_digest(tokens),
+            "tokens": _tokens_digest(rows),
             "shape": f"{len(classnames)}x{len(templates)}",
         }
         fingerprint = _fingerprint(parts)
@@ -571,15 +583,11 @@ def encode_class_texts(
     device = model_device(model.base)
     was_training = model.base.training
     model.base.eval()
-    chunks = []
     try:
-        for part in _token_batches(tokens, batch_size):
-            part = {k: v.to(device) for k, v in part.items()} if isinstance(part, Mapping) else part.to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                chunks.append(model.encode_text(part).float().cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            text = model.encode_class_tokens(tokens, batch_size=batch_size).cpu()  # (K, T, D), fp32
     finally:
         model.base.train(was_training)
-    text = torch.cat(chunks).reshape(len(classnames), len(templates), -1)  # (K, T, D)
     if path is not None and rank_world()[0] == 0:
         _write(path, {"text": text}, {"kind": "text", "fingerprint": fingerprint, "parts": json.dumps(parts)})
     return text
@@ -595,33 +603,8 @@ def _tokens_digest(tokens: Any) -> str:
     return digest.hexdigest()
 
 
-def _token_batches(tokens: Any, size: int) -> Iterator[Any]:
-    if isinstance(tokens, Mapping):
-        count = tokens["input_ids"].shape[0]
-        for start in range(0, count, size):
-            yield {k: v[start : start + size] if isinstance(v, Tensor) else v for k, v in tokens.items()}
-    else:
-        for start in range(0, tokens.shape[0], size):
-            yield tokens[start : start + size]
-
-
 def _read_text_if_fresh(path: Path, fingerprint: str, parts: Mapping[str, str]) -> Tensor | None:
-    if not path.exists():
-        return None
-    try:
-        meta = _metadata(path)
-    except ValueError as err:
-        logger.warning("text feature cache %s is unreadable (%s); rebuilding it", path, err)
-        return None
-    if meta.get("format") != FORMAT or meta.get("kind") != "text":
-        raise ValueError(
-            f"{path} is not a rada_mma text feature cache; it is not overwritten: choose another cache_path, or "
-            "delete the file"
-        )
-    if meta.get("fingerprint") != fingerprint:
-        old = json.loads(meta.get("parts", "{}"))
-        changed = [key for key in parts if old.get(key) != parts[key]] or ["fingerprint"]
-        logger.warning("text feature cache %s is stale (%s changed); rebuilding it", path, ", ".join(changed))
+    if not _is_fresh(path, fingerprint, parts, "text"):
         return None
     tensors, _ = _read(path, TEXT_TENSORS)
     logger.info("loaded cached class text features %s from %s", tuple(tensors["text"].shape), path)

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import METHODS
 from ..io import save_torch
+from ..modules import classification_loss
 from ..wrapper import AdaptedCLIP
 from .distributed import all_reduce_grads, all_reduce_sum, barrier, rank_world
 
@@ -277,7 +277,7 @@ class _Run:
                 feats = features[local] if views is None else features[local, views[local]]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     logits = model.logits_from_features(feats.to(device))
-                    loss = F.cross_entropy(logits.float(), labels[local].to(device)) + model.regularization()
+                    loss = classification_loss(logits, labels[local].to(device), model.regularization(), check=False)
                 # mean over the global batch = sum over ranks of local means weighted by their share
                 (loss * (len(local) / len(batch))).backward()
                 total += torch.tensor([float(loss.detach()) * len(local), len(local)], dtype=torch.float64)

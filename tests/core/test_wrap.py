@@ -7,7 +7,10 @@ Every CLIP family runs through the same generic tests from the ``CASES`` table
 from __future__ import annotations
 
 import ast
+import copy
+import gc
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -139,6 +142,13 @@ def test_backend_override_gives_the_same_logits(name):
         assert torch.equal(forced(x), model(x))
 
 
+def _wrap_held_base(**options: Any) -> tuple[nn.Module, nn.Module]:
+    """Wrap a base model that a live wrapper already holds."""
+    base = tm.open_clip_model()
+    held = wrap(base)
+    return held, wrap(base, **options)
+
+
 WRAP_ERRORS = {
     "unknown backend": (lambda: wrap(tm.open_clip_model(), backend="tensorflow"), ValueError,
                         "unknown backend 'tensorflow'; choose one of open_clip, hf, openai, generic"),
@@ -156,6 +166,12 @@ WRAP_ERRORS = {
                            "heads=5 must be a positive divisor of the embedding width"),
     "config and options": (lambda: wrap(tm.open_clip_model(), config=AdapterConfig.for_method("rada", 32), heads=4),
                            TypeError, "either config= or method options"),
+    "already wrapped": (lambda: wrap(wrap(tm.open_clip_model())), TypeError,
+                        r"already an AdaptedCLIP .*; use it as is, or call wrap\(model.unwrap\(\), ...\)"),
+    "already wrapped, as generic": (lambda: wrap(wrap(tm.open_clip_model()), backend="generic", dim=32, logit_scale=1.0),
+                                    TypeError, "already an AdaptedCLIP"),
+    "shared base, other freezing": (lambda: _wrap_held_base(freeze_backbone=False), ValueError,
+                                    "already wrapped with freeze_backbone=True; wrappers sharing a base"),
 }
 
 
@@ -254,6 +270,71 @@ def test_unwrap_restores_each_submodules_mode():
     modes = {n: m.training for n, m in base.named_modules()}
     wrap(base, "rada").unwrap()
     assert {n: m.training for n, m in base.named_modules()} == modes
+
+
+def _callers_base() -> tuple[nn.Module, dict[str, bool], dict[str, bool]]:
+    """A base model in train mode with one tower in eval and one parameter frozen by the caller; its flags."""
+    base = tm.open_clip_model().train()
+    base.visual.eval()
+    next(iter(base.parameters())).requires_grad_(False)
+    return base, {n: p.requires_grad for n, p in base.named_parameters()}, {n: m.training for n, m in base.named_modules()}
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_two_wrappers_of_one_base_give_back_the_callers_flags(first):
+    base, flags, modes = _callers_base()
+    a, b = wrap(base, "rada"), wrap(base, "mma")  # b sees the base as a left it: frozen, in eval
+    assert a.training and b.training  # both start in the caller's mode
+    early, late = (a, b) if first == "a" else (b, a)
+    with pytest.warns(UserWarning, match="still held by 1 other AdaptedCLIP"):
+        assert early.unwrap() is base
+    assert not any(p.requires_grad for p in base.parameters())  # the other wrapper still trains on it
+    assert {id(p) for p in late.trainable_parameters()} == {id(p) for p in late.adapter.parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert late.unwrap() is base
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    assert {n: m.training for n, m in base.named_modules()} == modes
+
+
+def test_a_dropped_wrapper_no_longer_holds_the_base():
+    base, flags, modes = _callers_base()
+    a = wrap(base, "rada")
+    wrap(base, "mma")  # never unwrapped, and gone
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a.unwrap()
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    assert {n: m.training for n, m in base.named_modules()} == modes
+    b = wrap(base, "rada")  # after the last unwrap, a new wrap starts from the flags as they are now
+    assert b.unwrap() is base and {n: p.requires_grad for n, p in base.named_parameters()} == flags
+
+
+@pytest.mark.parametrize(("method", "freeze_backbone"), [("rada", True), ("mma+rada", True), ("rada", False)])
+def test_deepcopy_after_a_training_step_behaves_identically(method, freeze_backbone):
+    base = tm.open_clip_model()
+    model = wrap(base, method, alpha=0.5, freeze_backbone=freeze_backbone, generator=seeded(0))
+    model.set_classes(open_clip_tokens(4))
+    x, y = tm.images(8), labels_for(4)
+    tm.train_steps(model, x, y, 2, lr=1e-3)
+    model.train()
+    loss = model.loss(model(x), y)  # the model keeps this forward's regulariser, a node of the graph
+    twin = copy.deepcopy(model)
+    assert twin.base is not base
+    assert torch.equal(twin.regularization(), model.regularization().detach()) and twin.regularization() > 0
+    assert not twin.regularization().requires_grad
+    loss.backward()  # the original's graph is untouched
+    state = model.state_dict()
+    assert all(torch.equal(t, state[name]) for name, t in twin.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+        assert torch.equal(twin.regularization(), model.regularization())
+    before = clones(model)
+    tm.train_steps(twin, x, y, 2, lr=1e-3)
+    assert changed(model, before) == set()
+    assert all(p.requires_grad for p in twin.unwrap().parameters())  # the copy gives back its own base
+    assert all(p.requires_grad != freeze_backbone for n, p in base.named_parameters() if n.startswith("visual."))
 
 
 @each_case
@@ -418,6 +499,27 @@ def test_loss_is_cross_entropy_plus_regularization():
     assert torch.equal(model.loss(logits, y), F.cross_entropy(logits, y) + model.regularization())
 
 
+def test_one_loss_function_behind_both_loss_methods():
+    from rada_mma.modules import classification_loss
+
+    model, _ = wrapped("open_clip", "rada", alpha=0.5)
+    x, y = tm.images(8), labels_for(4)
+    tm.train_steps(model, x, y, 2)
+    logits = model(x)
+    regularization = model.regularization()
+    expected = F.cross_entropy(logits, y) + regularization
+    assert torch.equal(classification_loss(logits, y, regularization), expected)
+    assert torch.equal(model.loss(logits, y), expected)
+    _, mask = model.adapter(model.encode_image(x), model.text_features(), model.logit_scale(), return_mask=True)
+    assert torch.equal(model.adapter.loss(logits, y, mask), classification_loss(logits, y, model.adapter.regularization(mask)))
+    half = logits.detach().half()
+    assert torch.equal(classification_loss(half, y), F.cross_entropy(half.float(), y))  # fp32 cross-entropy
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        classification_loss(logits, y + 4)
+    with pytest.raises(IndexError):  # check=False leaves the labels to cross_entropy
+        classification_loss(logits, y + 4, check=False)
+
+
 # -- RAda-FT: freeze_backbone=False ---------------------------------------------------------------
 
 
@@ -556,6 +658,16 @@ SET_CLASSES_ERRORS = {
     "token ids with templates": (lambda m: m.set_classes(open_clip_tokens(2), templates=["{}"]), ValueError,
                                  "go with class names"),
     "not tokens": (lambda m: m.set_classes(3.5), TypeError, "classes must be token ids"),
+    "template without {}": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=["a photo."]),
+                            ValueError, r"template 'a photo.' must hold exactly one \{\} where the class name goes"),
+    "template with two {}": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=["a {} of a {}."]),
+                             ValueError, r"must hold exactly one \{\}"),
+    "template with a stray brace": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=["a {} {"]),
+                                    ValueError, r"must hold exactly one \{\}"),
+    "template not text": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=[3]), TypeError,
+                          "a template must be a string with one {} or a callable"),
+    "no templates": (lambda m: m.set_classes(["cat"], tokenizer=tm.tokenizer(), templates=[]), ValueError,
+                     "templates is empty"),
 }
 
 
@@ -567,6 +679,35 @@ def test_set_classes_errors(case):
     with pytest.raises(error, match=message):
         call(model)
     assert torch.equal(model.class_features, before)  # a rejected call changes nothing
+
+
+def test_encode_class_names_gives_each_prompts_raw_features():
+    model, base = wrapped("open_clip", k=1)
+    tok, templates = tm.tokenizer(), TEMPLATES["format strings"]
+    texts = [t.format(c) for c in NAMES[:4] for t in templates]  # class-major
+    tokens = model.tokenize_prompts(NAMES[:4], tokenizer=tok, templates=templates)
+    assert torch.equal(tokens, tok(texts).reshape(4, 3, tm.CONTEXT))  # (K, T, L)
+    text = model.encode_class_names(NAMES[:4], tokenizer=tok, templates=templates, batch_size=5)
+    assert text.shape == (4, 3, tm.EMBED_DIM) and text.dtype == torch.float32 and not text.requires_grad
+    with torch.no_grad():
+        expected = base.encode_text(tok(texts)).reshape(4, 3, -1)
+    torch.testing.assert_close(text, expected, rtol=1e-6, atol=1e-6)
+    # names, their tokens and their features set the same classes
+    model.set_classes(NAMES[:4], tokenizer=tok, templates=templates)
+    from_names = model.class_features.clone()
+    model.set_classes(tokens)
+    assert torch.equal(model.class_features, from_names)
+    model.set_classes(text_features=text)
+    torch.testing.assert_close(model.class_features, from_names, rtol=1e-6, atol=1e-6)
+
+
+def test_encode_class_names_has_a_gradient_only_when_the_text_encoder_trains():
+    tok = tm.tokenizer()
+    frozen = wrap(tm.open_clip_model()).encode_class_names(NAMES[:2], tokenizer=tok)
+    trained = wrap(tm.open_clip_model(), freeze_backbone=False).encode_class_names(NAMES[:2], tokenizer=tok)
+    assert frozen.shape == trained.shape == (2, 1, tm.EMBED_DIM)
+    assert not frozen.requires_grad and trained.requires_grad
+    torch.testing.assert_close(frozen, trained.detach(), rtol=0, atol=0)
 
 
 # -- Hugging Face and OpenAI specifics ------------------------------------------------------------
@@ -595,6 +736,22 @@ def test_hf_names_with_a_transformers_tokenizer(name):
         each = base.get_text_features(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
     expected = F.normalize(F.normalize(each, dim=-1).reshape(len(NAMES), 2, -1).mean(1), dim=-1)
     torch.testing.assert_close(model.class_features, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_hf_prompts_per_template():
+    model, base = wrapped("hf_clip", k=1)
+    tokenizer, templates = tm.hf_tokenizer(), ["a photo of a {} .", "the {}"]
+    tokens = model.tokenize_prompts(NAMES, tokenizer=tokenizer, templates=templates)
+    assert tokens["input_ids"].shape[:2] == tokens["attention_mask"].shape[:2] == (len(NAMES), 2)
+    text = model.encode_class_names(NAMES, tokenizer=tokenizer, templates=templates, batch_size=5)
+    texts = [t.format(c) for c in NAMES for t in templates]
+    with torch.no_grad():
+        each = base.get_text_features(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
+    torch.testing.assert_close(text, each.reshape(len(NAMES), 2, -1), rtol=1e-6, atol=1e-6)
+    model.set_classes(tokens)
+    from_tokens = model.class_features.clone()
+    model.set_classes(NAMES, tokenizer=tokenizer, templates=templates)
+    assert torch.equal(model.class_features, from_tokens)
 
 
 @pytest.mark.parametrize("name", ["hf_clip", "hf_siglip"])
@@ -641,6 +798,39 @@ def test_openai_fp16_features_run_the_adapter_in_fp32():
     assert model.class_features.dtype == logits.dtype == torch.float32
     assert model.adapter.to_qkv_rational.weight.dtype == torch.float32
     assert torch.equal(logits, expected)
+
+
+# -- dtypes ---------------------------------------------------------------------------------------
+
+
+# logits are s · cos with s = 100; the kernels keep norms and softmax statistics in fp32
+HALF_ATOL = {torch.float16: 0.02, torch.bfloat16: 0.15}
+
+
+@pytest.mark.parametrize("dtype", list(HALF_ATOL), ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_model_gives_fp32_logits(method, dtype):
+    options = dict(alpha=0.1) if method in RADA_FAMILY else {}
+    model, _ = wrapped("open_clip", method, **options)
+    x, y = tm.images(4), labels_for(4, 4)
+    tm.train_steps(model, x, y, 2)  # RAda's mask moves away from 1
+    with torch.no_grad():
+        expected = model(x)
+        with model.disable_adapter():
+            expected_zero_shot = model(x)
+    assert (model.half() if dtype == torch.float16 else model.to(dtype)) is model
+    assert {p.dtype for p in model.parameters()} == {dtype} and model.class_features.dtype == dtype
+    logits = model(x)  # fp32 images, as a preprocess gives them
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=HALF_ATOL[dtype])
+    model.loss(logits, y).backward()
+    assert {p.grad.dtype for p in model.trainable_parameters() if p.grad is not None} == {dtype}
+    with torch.no_grad(), model.disable_adapter():
+        zero_shot = model(x)
+    assert zero_shot.dtype == torch.float32
+    torch.testing.assert_close(zero_shot, expected_zero_shot, rtol=0, atol=HALF_ATOL[dtype])
+    model.set_classes(NAMES[:4], tokenizer=tm.tokenizer())  # classes set after the cast keep its dtype
+    assert model.class_features.dtype == dtype
 
 
 # -- torch.compile --------------------------------------------------------------------------------

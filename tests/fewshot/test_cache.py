@@ -4,6 +4,7 @@ check that training from cached features is training through the encoders, bit f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -254,12 +255,38 @@ def test_class_texts_per_template(model, tmp_path, caplog):
         assert torch.equal(encode_class_texts(model, names, templates, tokenizer=tokenizer, cache_path=path), text)
         assert "loaded cached class text features" in caplog.text
         encode_class_texts(model, names, templates[:1], tokenizer=tokenizer, cache_path=path)
-        assert "stale (tokens, shape changed)" in caplog.text
+        assert "stale (tokens, shape changed since it was built)" in caplog.text
     # set_classes ensembles the T templates exactly as from names
     model.set_classes(text_features=text)
     from_cache = model.class_features.clone()
     model.set_classes(names, tokenizer=tokenizer, templates=templates)
     torch.testing.assert_close(from_cache, model.class_features)
+
+
+def test_class_texts_take_the_templates_set_classes_takes(model):
+    tokenizer = tiny_models.tokenizer()
+    names, templates = ["cat", "red fox"], ["a photo of a {}.", lambda c: f"art of the {c}."]
+    text = encode_class_texts(model, names, templates, tokenizer=tokenizer)
+    assert torch.equal(text, model.encode_class_names(names, tokenizer=tokenizer, templates=templates))
+    with pytest.raises(ValueError, match=r"template 'a photo\.' must hold exactly one \{\}"):
+        encode_class_texts(model, names, ["a photo."], tokenizer=tokenizer)
+
+
+def test_text_cache_fingerprints_the_tokenizers_rows(model, tmp_path):
+    """The tokens' digest is that of the tokenizer's (K·T, L) output, as it always was: old caches stay valid."""
+    import hashlib
+
+    def tokens_digest(ids: torch.Tensor) -> str:  # the digest's definition, as 0.1 wrote it
+        digest = hashlib.sha256(f"input_ids|{ids.dtype}|{tuple(ids.shape)};".encode())
+        digest.update(ids.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    tokenizer, names, templates = tiny_models.tokenizer(), ["cat", "red fox"], ["a photo of a {}.", "{} texture."]
+    path = tmp_path / "text.safetensors"
+    encode_class_texts(model, names, templates, tokenizer=tokenizer, cache_path=path)
+    with safe_open(str(path), framework="pt") as fh:
+        parts = json.loads(fh.metadata()["parts"])
+    assert parts["tokens"] == tokens_digest(tokenizer([t.format(c) for c in names for t in templates]))
 
 
 # -- training from the cache is training through the encoders ----------------------------------
