@@ -119,7 +119,7 @@ def _linear_flops(rows: int, d_in: int, d_out: int, input_grad: bool) -> tuple[i
 def fused_flops(method: str, batch: int, classes: int, dim: int, heads: int = 8) -> dict[str, int]:
     """Multiply-add FLOPs (2 per multiply-add) of one fused training step, counted analytically.
 
-    The count is that of the exact fused form in ``METHODS.md``, matmuls only
+    The count is that of the exact fused form in ``docs/methods.md``, matmuls only
     (elementwise work, softmaxes and normalisations are a few FLOPs per element
     of ``O(B·K·D)`` tensors and are left out):
 

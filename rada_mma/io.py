@@ -34,8 +34,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "HOST_TAG",
     "atomic_write",
     "default_mode",
+    "fsync_folder",
     "make_staging_folder",
     "replace_folder",
     "safetensors_bytes",
@@ -45,8 +47,8 @@ __all__ = [
     "write_text",
 ]
 
-# ".<target name>.<host tag>-<pid>.<random>.tmp": the host and pid say whose temporary it is
-_HOST = format(zlib.crc32(socket.gethostname().encode()), "08x")
+# Temporaries are named ".<target name>.<host tag>-<pid>.<random>.tmp": the host and pid say whose it is
+HOST_TAG = format(zlib.crc32(socket.gethostname().encode()), "08x")
 _TEMPORARY = re.compile(r"^\..+\.([0-9a-f]{8})-(\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 _SAFETENSORS_DTYPES = {
@@ -92,7 +94,7 @@ def _remove_stale_temporaries(folder: Path) -> None:
         return
     for name in names:
         match = _TEMPORARY.match(name)
-        if match and match.group(1) == _HOST and not _pid_alive(int(match.group(2))):
+        if match and match.group(1) == HOST_TAG and not _pid_alive(int(match.group(2))):
             Path(folder, name).unlink(missing_ok=True)
 
 
@@ -137,7 +139,7 @@ def atomic_write(
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
     _remove_stale_temporaries(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{HOST_TAG}-{os.getpid()}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             if callable(data):
@@ -236,7 +238,7 @@ def make_staging_folder(folder: str | os.PathLike) -> Path:
     """An empty folder beside ``folder`` to build its new content in, for :func:`replace_folder`."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{HOST_TAG}-{os.getpid()}.", suffix=".tmp", dir=folder.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the finished folder is meant to be shared
     return staging
 
@@ -288,7 +290,7 @@ def replace_folder(staging: str | os.PathLike, folder: str | os.PathLike) -> Pat
     elif _exchange(staging, folder):
         shutil.rmtree(staging)  # the old content, now at the staging path
     else:
-        aside = folder.with_name(f".{folder.name}.{_HOST}-{os.getpid()}.old")
+        aside = folder.with_name(f".{folder.name}.{HOST_TAG}-{os.getpid()}.old")
         os.replace(folder, aside)
         os.replace(staging, folder)
         shutil.rmtree(aside)

@@ -4,7 +4,7 @@
     python scripts/pretrain_world_clip.py --steps 300 --out /tmp/quick   # a quick check
 
 Every step renders a fresh batch of scenes in the pretraining style
-(:class:`rada_mma.world.Style`, filled shapes on flat backgrounds, the
+(:class:`rada_mma.demo.world.Style`, filled shapes on flat backgrounds, the
 (shape, colour) pairs of ``HELD_OUT`` never drawn), captions them, and takes one
 AdamW step on CLIP's symmetric InfoNCE loss. Batches are seeded by
 ``(seed, step)``, so a run is reproducible and resumes exactly from its
@@ -15,7 +15,7 @@ tasks (drawn in their shifted styles).
 It writes ``OUT/world-clip.json`` (the open_clip config) and
 ``OUT/world-clip.safetensors`` (fp16 weights; the metadata records the seed,
 steps, data size, final loss and accuracies and the command), which is what
-``rada_mma/assets`` ships. Load them with::
+``rada_mma/demo/assets`` ships. Load them with::
 
     open_clip.add_model_config("world-clip.json")
     model, _, preprocess = open_clip.create_model_and_transforms("world-clip", pretrained="world-clip.safetensors")
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rada_mma import world
+from rada_mma.demo import world
 
 # The architecture: a small modified ResNet (CLIP's RN design) for 64×64 images and a
 # 3-layer text transformer over open_clip's bundled BPE vocabulary (49408 tokens, which
@@ -52,7 +52,7 @@ STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="rada_mma/assets", help="where world-clip.json and world-clip.safetensors go")
+    p.add_argument("--out", default="rada_mma/demo/assets", help="where world-clip.json and world-clip.safetensors go")
     p.add_argument("--work-dir", default="runs/pretrain-world-clip", help="checkpoints and the log (resumed from)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=256)

@@ -18,6 +18,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not os.environ.get(GOLDEN):
         terminalreporter.write_line(
             f"golden parity tests skipped: set {GOLDEN}=/path/to/golden (the folder of the authors' golden "
-            "*.safetensors files; CI uses ../shared/golden) to run them",
+            "*.safetensors files) to run them",
             yellow=True,
         )

@@ -7,6 +7,7 @@ ends with exit status 2 and one line on stderr saying what is wrong and what to 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
@@ -310,3 +311,114 @@ def test_console_script_help():
     assert done.returncode == 0, done.stderr
     for command in ("extract", "fit", "eval", "bench"):
         assert command in done.stdout
+
+
+# -- choices a user must make, and the shipped CLIP -------------------------------------------
+
+
+def test_a_missing_model_or_weights_choice_is_an_error_not_random_weights(world, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run")]
+    line = run_error(cli(world, "fit", *out, model=False), capsys)
+    assert "no model given" in line and "--model" in line
+    line = run_error(cli(world, "fit", *out, model=False) + ["--model-config", world["config"]], capsys)
+    assert "no weights given for tiny-cli-clip" in line and "--pretrained 'random'" in line
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+    # asked for on purpose, random weights train
+    run_ok(cli(world, "fit", *out, "--epochs", "1", model=False) + ["--model-config", world["config"],
+                                                                    "--pretrained", "random"], capsys)
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def world_task(tmp_path_factory):
+    """A few images per class of the demo world's first task, as a CoOp folder."""
+    import dataclasses
+
+    from rada_mma.demo import world as demo_world
+    from rada_mma.demo import write_task
+
+    first = demo_world.TASKS[next(iter(demo_world.TASKS))]
+    return write_task(dataclasses.replace(first, counts=(3, 2, 2)), tmp_path_factory.mktemp("world"))
+
+
+def test_the_shipped_clip_is_named_world_clip_everywhere(world_task, tmp_path, capsys):
+    common = ["--model", "world-clip", "--data", str(world_task), "--shots", "2", "--device", "cpu"]
+    run_ok(["extract", *common, "--out", str(tmp_path / "x")], capsys)
+    run_ok(["fit", *common, "--epochs", "1", "--out", str(tmp_path / "fit")], capsys)
+    assert read_results(tmp_path / "fit")[0]["model"] == "world-clip"
+    run_ok(["eval", *common, "--out", str(tmp_path / "fit")], capsys)
+    run_ok(["bench", *common, "--methods", "mma", "--seeds", "1", "--epochs", "1", "--out", str(tmp_path / "b")],
+           capsys)
+    assert [r["method"] for r in read_results(tmp_path / "b")] == ["zero-shot", "mma"]
+
+
+def test_errors_name_flags_not_python_arguments(world, tmp_path, capsys):
+    coop = tmp_path / "coop"
+    make_images(coop / "images", seed=0, counts={"train": 1, "test": 1})
+    split = {"train": [[f"train/{c}/0.png", k, c] for k, c in enumerate(CLASSES)],
+             "test": [[f"elsewhere/{c}/0.png", k, c] for k, c in enumerate(CLASSES)]}
+    (coop / "split_zhou_Toy.json").write_text(json.dumps(split))
+    line = run_error(cli(world, "fit", "--out", str(tmp_path / "run"), data=str(coop)), capsys)
+    assert "--split-file" in line and "split_file" not in line
+
+
+def test_fit_takes_threads(world, tmp_path, capsys):
+    run_ok(cli(world, "fit", "--threads", "1", "--epochs", "1", "--out", str(tmp_path / "run")), capsys)
+    assert torch.get_num_threads() == 1
+
+
+def all_options(command: str) -> dict[str, str | None]:
+    """``--flag: help`` of every option of ``rada-mma COMMAND``."""
+    from rada_mma.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {flag: action.help for action in sub._actions for flag in action.option_strings if flag.startswith("--")}
+
+
+COMMANDS = ("extract", "fit", "eval", "bench", "demo")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_says_what_it_does(command):
+    missing = [flag for flag, text in all_options(command).items() if not text]
+    assert not missing, f"{command}: no help for {missing}"
+
+
+def test_eval_takes_no_training_flags():
+    assert not {"--epochs", "--lr", "--batch-size", "--patience"} & set(all_options("eval"))
+    assert {"--epochs", "--lr", "--batch-size", "--patience", "--amp"} <= set(all_options("fit"))
+
+
+FLAGS_0_1 = {  # every flag rada-mma 0.1 had, per command: each still parses
+    "common": ["--model", "--pretrained", "--model-config", "--data", "--split-file", "--dataset", "--template",
+               "--shots", "--views", "--cache-dir", "--extract-batch-size", "--device", "--rounding", "--out"],
+    "training": ["--option", "--epochs", "--lr", "--batch-size", "--weight-decay", "--patience", "--warmup-epochs",
+                 "--schedule", "--select", "--optimizer"],
+    "extract": ["--seed"], "fit": ["--method", "--seed"], "eval": ["--method", "--seed", "--adapter"],
+    "bench": ["--methods", "--seeds"], "demo": ["--methods", "--seeds", "--tasks", "--world-dir", "--threads",
+                                                "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_of_0_1_still_exists(command):
+    wanted = FLAGS_0_1["common"] + FLAGS_0_1[command]
+    if command in ("fit", "eval", "bench", "demo"):
+        wanted += FLAGS_0_1["training"] if command != "eval" else ["--option"]
+    assert set(wanted) <= set(all_options(command))
+
+
+def test_every_file_a_run_writes_is_readable_by_others(world, tmp_path, capsys):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        run_ok(cli(world, "fit", "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")),
+               capsys)
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 12  # adapter, checkpoint, results, config, plots, split, 4 caches
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o644)}, modes

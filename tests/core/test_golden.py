@@ -2,7 +2,7 @@
 
 Each ``*.safetensors`` file in ``$RADA_MMA_GOLDEN`` holds inputs, parameters
 under the released names, and the released code's logits, mask, losses and
-gradients (see ``METHODS.md``). The parameters go through
+gradients (the methods: ``docs/methods.md``). The parameters go through
 :func:`rada_mma.official.from_official`; our gradients come back through
 :func:`rada_mma.official.to_official`, so the name mapping is tested as well.
 
