@@ -10,7 +10,7 @@ import torch
 
 from rada_mma import METHODS
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 
 
 def load_example():
