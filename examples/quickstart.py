@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rada_mma import METHODS, world, wrap
-from rada_mma.demo import load_world_clip
+from rada_mma import METHODS, wrap
+from rada_mma.demo import load_world_clip, world
 
 
 def preprocess_images(images: torch.Tensor, preprocess) -> torch.Tensor:
