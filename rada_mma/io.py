@@ -87,7 +87,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporaries that a process on this host left when it was killed mid-write."""
+    """Delete temporaries (files, and staging folders of :func:`replace_folder`) that a process on this host
+    left when it was killed mid-write."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -95,7 +96,14 @@ def _remove_stale_temporaries(folder: Path) -> None:
     for name in names:
         match = _TEMPORARY.match(name)
         if match and match.group(1) == HOST_TAG and not _pid_alive(int(match.group(2))):
-            Path(folder, name).unlink(missing_ok=True)
+            stale = Path(folder, name)
+            try:
+                if stale.is_dir() and not stale.is_symlink():  # a staging folder (make_staging_folder)
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink(missing_ok=True)
+            except OSError:  # gone already (another writer cleaned it), or not ours to remove: never fail the write
+                pass
 
 
 def fsync_folder(folder: Path) -> None:

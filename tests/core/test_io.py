@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -122,6 +123,39 @@ def test_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_path):
     foreign.write_bytes(b"\0")
     io.write_text(tmp_path / "next.txt", "x")
     assert not stale.exists() and alive.exists() and foreign.exists()
+
+
+def test_staging_folders_of_dead_processes_are_removed_by_the_next_write(tmp_path):
+    """A killed ``replace_folder`` user (e.g. demo.write_task) once made every later write into the folder fail."""
+    pid = dead_pid()
+    staging = tmp_path / f".task.{io.HOST_TAG}-{pid}.abcd1234.tmp"
+    (staging / "images").mkdir(parents=True)
+    (staging / "images" / "0.png").write_bytes(b"\0" * 10)
+    io.write_text(tmp_path / "next.txt", "x")
+    assert sorted(os.listdir(tmp_path)) == ["next.txt"]
+
+
+def dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
+def test_writes_are_durable(tmp_path, monkeypatch):
+    """The file's bytes, then the folder's entry, reach the disk before a write returns."""
+    synced = []
+    fsync = os.fsync
+
+    def record(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    io.save_safetensors(tmp_path / "a.safetensors", {"w": torch.ones(2)})
+    assert synced == ["file", "folder"]
+    synced.clear()
+    staging = io.make_staging_folder(tmp_path / "task")
+    io.atomic_write(staging / "x.txt", b"x", sync=False)  # synced all at once by replace_folder (syncfs)
+    io.replace_folder(staging, tmp_path / "task")
+    assert synced == ["folder"]  # the parent's entry of the swapped-in folder
 
 
 WRITER = textwrap.dedent(
