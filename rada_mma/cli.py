@@ -35,6 +35,7 @@ log = logging.getLogger("rada_mma")
 # Python argument names in library errors, as the flags that set them
 _FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "model_config", "split_file", "cache_dir", "pretrained", "adapter", "device", "model", "data", "shots",
+    "extract_batch_size", "batch_size", "weight_decay", "warmup_epochs", "warmup_lr",
 )}
 _FLAGS["out_dir"] = _FLAGS["out"] = "--out"
 

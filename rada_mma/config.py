@@ -9,7 +9,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_WIDTH", "METHODS", "AdapterConfig", "option_names"]
+__all__ = ["MAX_WIDTH", "METHODS", "AdapterConfig", "check_field_types", "option_names"]
 
 # Presets: "rada" (RationalMask), "rada+adapter" (RAda with residual adapters,
 # the paper's best base-to-new variant), "mma" (MMA as in the paper),
@@ -112,7 +112,7 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        _check_types(self)
+        check_field_types(self)
         if not 0 < self.dim <= MAX_WIDTH:
             raise ValueError(
                 f"dim must be a positive int up to {MAX_WIDTH} (the embedding width), got {self.dim!r}"
@@ -203,8 +203,9 @@ def option_names(method: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _check_types(config: AdapterConfig) -> None:
-    """Each field has its declared type: ints are integers (not bools), floats finite real numbers, strings strings.
+def check_field_types(config: Any) -> None:
+    """Each field of a config dataclass has its declared type: ints are integers (not bools), floats finite
+    real numbers, bools bools, strings strings.
 
     Integer-valued floats are not ints here: ``heads=8.0`` is a typo worth hearing about. Numbers are stored
     as plain ``int``/``float`` (``blend=1`` as ``1.0``, numpy scalars as Python's), so that configs compare
@@ -222,6 +223,9 @@ def _check_types(config: AdapterConfig) -> None:
             if not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value!r}")
             object.__setattr__(config, f.name, float(value))
+        elif f.type == "bool":
+            if not isinstance(value, bool):
+                raise TypeError(f"{f.name} must be True or False, got {value!r} ({type(value).__name__})")
         elif not isinstance(value, str):
             raise TypeError(f"{f.name} must be a string, got {value!r} ({type(value).__name__})")
 

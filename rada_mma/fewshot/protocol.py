@@ -68,6 +68,18 @@ class RunSpec:
     adapter: str | None = None  # evaluation only: the adapter file (default OUT/adapter.safetensors)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("seed", "shots", "views", "extract_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        if not 0 <= self.seed < 1 << 63:
+            raise ValueError(f"seed must lie in [0, 2**63) (torch's generators take 64 bits), got {self.seed}")
+        if self.shots < 0 or self.views < 0:
+            raise ValueError(f"shots and views must be >= 0 (shots 0: every image), got {self.shots} and {self.views}")
+        if self.extract_batch_size < 1:
+            raise ValueError(f"extract_batch_size must be >= 1, got {self.extract_batch_size}")
+
     def replace(self, **changes: Any) -> RunSpec:
         return dataclasses.replace(self, **changes)
 
