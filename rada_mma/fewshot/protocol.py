@@ -25,7 +25,7 @@ from torch import Tensor
 from ..io import write_json
 from ..wrapper import AdaptedCLIP, wrap
 from . import data as fsdata
-from .cache import Features, encode_class_texts, extract_image_features
+from .cache import DATA_HASHES, Features, encode_class_texts, extract_image_features
 from .datasets import templates_for
 from .distributed import is_main
 from .evaluation import harmonic_mean, write_results
@@ -61,6 +61,7 @@ class RunSpec:
     views: int = 0  # augmented views per training image in the cache
     rounding: str = "ceil"  # base classes: ceil(C/2) (CoOp) or floor (MMA)
     cache_dir: str | None = None  # feature cache folder (default OUT/cache)
+    data_hash: str = "content"  # image files in the cache's fingerprint: every byte, or "stat" (size, mtime)
     extract_batch_size: int = 128
     device: str | None = None  # default: cuda when available
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -79,6 +80,8 @@ class RunSpec:
             raise ValueError(f"shots and views must be >= 0 (shots 0: every image), got {self.shots} and {self.views}")
         if self.extract_batch_size < 1:
             raise ValueError(f"extract_batch_size must be >= 1, got {self.extract_batch_size}")
+        if self.data_hash not in DATA_HASHES:
+            raise ValueError(f"data_hash must be one of {', '.join(DATA_HASHES)}, got {self.data_hash!r}")
 
     def replace(self, **changes: Any) -> RunSpec:
         return dataclasses.replace(self, **changes)
@@ -151,7 +154,7 @@ class FeatureStore:
     def images(self, splits: fsdata.Splits, part: str, tag: str, views: int = 0) -> Features:
         return extract_image_features(
             self.model, splits, splits.split(part), self.preprocess, views=views,
-            batch_size=self.spec.extract_batch_size, device=self.spec.device_name,
+            batch_size=self.spec.extract_batch_size, device=self.spec.device_name, data_hash=self.spec.data_hash,
             cache_path=self.folder / f"{tag}-{part}-v{views}.safetensors", progress=self.spec.progress and is_main(),
         )
 
