@@ -354,10 +354,8 @@ def extract_image_features(
         fingerprint_extra: more things the features depend on (e.g. a dataset version), JSON-able.
         seed: seed of the augmentations.
         autocast: encode under bf16 autocast on CUDA (ignored on the CPU).
-        data_hash: how image files enter the fingerprint: ``"content"`` hashes every byte (an edited
-            image is always noticed; a few percent of the extraction time, see
-            ``benchmarks/results/cache_hash_cpu.md``), ``"stat"`` only size and modification time
-            (for huge datasets whose files never change in place).
+        data_hash: image files in the fingerprint: every byte (``"content"``; ~1 % of the extraction time),
+            or size and modification time (``"stat"``, for huge datasets never edited in place).
 
     Returns:
         :class:`Features` on the CPU, fp32.
@@ -368,10 +366,8 @@ def extract_image_features(
         augment = default_augment(transform)
     amp = autocast and device.type == "cuda"
     rank, world = rank_world()
-    parts = fingerprint_parts(
-        model, splits, items, transform, views=views, augment=augment, seed=seed, autocast=amp, extra=fingerprint_extra,
-        data_hash=data_hash,
-    )
+    parts = fingerprint_parts(model, splits, items, transform, views=views, augment=augment, seed=seed, autocast=amp,
+                              extra=fingerprint_extra, data_hash=data_hash)
     fingerprint = _fingerprint(parts)
     if world > 1:
         _same_on_all_ranks(fingerprint, parts)

@@ -25,18 +25,18 @@ from torch import Tensor
 from ..io import write_json
 from ..wrapper import AdaptedCLIP, wrap
 from . import data as fsdata
+from . import runs
 from .cache import DATA_HASHES, Features, encode_class_texts, extract_image_features
 from .datasets import templates_for
 from .distributed import is_main
 from .evaluation import harmonic_mean, write_results
 from .models import load_clip, model_name
+from .runs import ADAPTER_FILE
 from .train import FitResult, TrainConfig, accuracy, fit, preset
 
 __all__ = ["FeatureStore", "RunSpec", "extract", "run_base_to_new", "run_grid"]
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILE = "adapter.safetensors"
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,12 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
             f"no adapter at {adapter_file}; train one first (rada-mma fit --out {spec.out}), or give adapter=FILE"
         )
     config = spec.train_config() if train else None
+    # one process per run folder; an evaluation of another adapter writes a folder of its own
+    with runs.claim(spec, train=train, adapter=adapter_file) as spec:
+        return _base_to_new(spec, config, adapter_file)
+
+
+def _base_to_new(spec: RunSpec, config: TrainConfig | None, adapter_file: Path | None) -> list[dict[str, Any]]:
     run_data = _base_to_new_data(spec)
     model, preprocess, tokenizer = _wrapped(spec)
     store = FeatureStore(spec, model, preprocess, tokenizer)
@@ -205,7 +211,7 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
     _check_test_covers_both_halves(run_data, test)
     model.set_classes(text_features=text[: run_data.cut])
     result = None
-    if train:
+    if config is not None:
         result = _train(spec, model, store, run_data.base, config)
     else:
         model.load_adapter(adapter_file)
@@ -322,21 +328,22 @@ def run_grid(
     """
     out = Path(out).expanduser()
     rows: list[dict[str, Any]] = []
-    for data_path, name in datasets:
-        folder = name or Path(data_path).expanduser().name
-        cache = Path(spec.cache_dir).expanduser() / folder if spec.cache_dir else out / folder / "cache"
-        for seed in seeds:
-            for index, method in enumerate(methods):
-                run = spec.replace(data=str(data_path), dataset=name, method=method, seed=seed,
-                                   out=str(run_folder(out, folder, method, seed)), cache_dir=str(cache))
-                if on_run is not None:
-                    on_run(run)
-                rows += [r for r in run_base_to_new(run) if r["method"] != "zero-shot" or index == 0]
-    if is_main():
-        from .plots import plot_summary
+    with runs.hold(out):  # each run holds its own folder too
+        for data_path, name in datasets:
+            folder = name or Path(data_path).expanduser().name
+            cache = Path(spec.cache_dir).expanduser() / folder if spec.cache_dir else out / folder / "cache"
+            for seed in seeds:
+                for index, method in enumerate(methods):
+                    run = spec.replace(data=str(data_path), dataset=name, method=method, seed=seed,
+                                       out=str(run_folder(out, folder, method, seed)), cache_dir=str(cache))
+                    if on_run is not None:
+                        on_run(run)
+                    rows += [r for r in run_base_to_new(run) if r["method"] != "zero-shot" or index == 0]
+        if is_main():
+            from .plots import plot_summary
 
-        write_results(rows, out)
-        _maybe_plot(plot_summary, rows, out / "results.png")
+            write_results(rows, out)
+            _maybe_plot(plot_summary, rows, out / "results.png")
     return rows
 
 
@@ -347,15 +354,16 @@ def extract(spec: RunSpec) -> list[Tensor]:
     splits = load_splits(spec)
     model, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
     store = FeatureStore(spec, wrap(model, method="rada"), preprocess, tokenizer)  # the encoders only
-    written = [store.texts(splits)]
-    if splits.test:
-        written.append(store.images(splits, "test", "all").image)
-    if spec.shots:
-        drawn = fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=spec.out_dir / "split")
-        part, tag = fsdata.subsample_classes(drawn, "base", rounding=spec.rounding), store.few_shot_tag
-    else:
-        part, tag = splits, "all"
-    written.append(store.images(part, "train", tag, views=spec.views).image)
-    if part.val:
-        written.append(store.images(part, "val", tag).image)
+    with runs.hold(spec.out_dir) if spec.out else contextlib.nullcontext():
+        written = [store.texts(splits)]
+        if splits.test:
+            written.append(store.images(splits, "test", "all").image)
+        if spec.shots:
+            drawn = fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=spec.out_dir / "split")
+            part, tag = fsdata.subsample_classes(drawn, "base", rounding=spec.rounding), store.few_shot_tag
+        else:
+            part, tag = splits, "all"
+        written.append(store.images(part, "train", tag, views=spec.views).image)
+        if part.val:
+            written.append(store.images(part, "val", tag).image)
     return written
