@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -187,3 +188,18 @@ def test_a_process_killed_mid_write_leaves_the_old_file_or_the_new_one(tmp_path)
         assert len(content) == size and content in (bytes([0]) * size, bytes([1]) * size), "a torn file"
     io.write_text(tmp_path / "after.txt", "x")  # the next write clears the killed writers' temporaries
     assert sorted(os.listdir(tmp_path)) == ["after.txt", "big.bin"]
+
+
+def test_an_exclusive_lock_names_its_holder_and_goes_with_it(tmp_path):
+    lock = tmp_path / ".lock"
+    with io.exclusive_lock(lock):
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"]
+        with pytest.raises(io.LockHeld) as held, io.exclusive_lock(lock):
+            pass
+        assert held.value.holder == holder and isinstance(held.value, BlockingIOError)
+    assert not lock.exists()
+    with pytest.raises(RuntimeError), io.exclusive_lock(lock):  # any exit releases it
+        raise RuntimeError
+    with io.exclusive_lock(lock):
+        pass
