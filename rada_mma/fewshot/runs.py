@@ -110,7 +110,7 @@ def _fit_may_write(folder: Path, fields: dict[str, Any]) -> None:
         return
     if owner.get("kind") == "fit" and not owner.get("adapter_sha256"):
         return  # unfinished (killed, diverged): its checkpoint, if any, is checked by fit() itself
-    what = "finished run" if owner.get("kind") == "fit" else "evaluation of another adapter"
+    what = "finished run" if owner.get("kind") == "fit" else "evaluation of an adapter"
     raise FileExistsError(
         f"{folder} holds the {what} ({_differences(fields, owner.get('run', {}))}); choose another out folder, "
         "or delete that one to start over"
@@ -174,19 +174,23 @@ def _take(stack: contextlib.ExitStack, spec: Any, train: bool, adapter: Path | N
     return folder
 
 
+# the errors rank 0 may meet, rebuilt by name on the other ranks (exceptions do not all survive pickling)
+_ERRORS = {e.__name__: e for e in (BlockingIOError, FileExistsError, FileNotFoundError, OSError, ValueError)}
+
+
 def _on_main(fn: Callable[[], Any]) -> Any:
     """``fn()`` on rank 0, its result on every rank; its error raised on every rank, so that none waits forever."""
-    result, message, error = None, None, None
+    result, failure, error = None, None, None
     if is_main():
         try:
             result = fn()
         except (OSError, ValueError) as err:
-            error, message = err, str(err)
-    result, message = broadcast_object((result, message))
+            error, failure = err, (type(err).__name__, str(err))
+    result, failure = broadcast_object((result, failure))
     if error is not None:
         raise error
-    if message is not None:
-        raise RuntimeError(f"rank 0 could not take the run folder: {message}")
+    if failure is not None:
+        raise _ERRORS.get(failure[0], OSError)(failure[1])
     return result
 
 
@@ -224,7 +228,8 @@ def claim(spec: Any, *, train: bool, adapter: Path | None = None) -> Iterator[An
         folder = Path(_on_main(lambda: str(_take(stack, spec, train, adapter))))
         run = spec if folder == spec.out_dir else spec.replace(out=str(folder), cache_dir=str(spec.cache_folder()))
         if run is not spec:
-            log.warning("%s is not the adapter of the run in %s: its results go to %s", adapter, spec.out_dir, folder)
+            log.warning("%s holds another adapter's run (or one with other data, model or draw): the results of %s "
+                        "go to %s", spec.out_dir, adapter, folder)
         if is_main():
             _record_start(folder, run, train, adapter)
         yield run

@@ -160,7 +160,7 @@ def test_eval_of_another_adapter_never_overwrites_the_run(world, mma_run, tmp_pa
                    "--out", str(mma_run)), capsys)
     assert {name: (mma_run / name).read_bytes() for name in before} == before
     (evaluated,) = (mma_run / "evals").iterdir()
-    assert evaluated.name.startswith("adapter-") and f"its results go to {evaluated}" in caplog.text
+    assert evaluated.name.startswith("adapter-") and f"go to {evaluated}" in caplog.text
     assert read_results(evaluated) == read_results(other)  # the other adapter's numbers, in a folder of its own
     owner = json.loads((evaluated / "owner.json").read_text())
     assert owner["kind"] == "eval" and owner["adapter"] == str((other / "adapter.safetensors").resolve())

@@ -99,7 +99,7 @@ def test_a_folder_evaluated_first_belongs_to_that_adapter(tmp_path):
         assert evaluation.out_dir == tmp_path / "eval"
     assert runs.results_folder(spec(tmp_path / "eval"), first) == tmp_path / "eval"
     assert runs.results_folder(spec(tmp_path / "eval"), second).parent == tmp_path / "eval" / "evals"
-    with pytest.raises(FileExistsError, match="holds the evaluation of another adapter"):
+    with pytest.raises(FileExistsError, match="holds the evaluation of an adapter"):
         fit_into(tmp_path / "eval")
 
 
