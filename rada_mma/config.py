@@ -226,7 +226,7 @@ def check_field_types(config: Any) -> None:
         elif f.type == "bool":
             if not isinstance(value, bool):
                 raise TypeError(f"{f.name} must be True or False, got {value!r} ({type(value).__name__})")
-        elif not isinstance(value, str):
+        elif f.type == "str" and not isinstance(value, str):
             raise TypeError(f"{f.name} must be a string, got {value!r} ({type(value).__name__})")
 
 
