@@ -302,7 +302,7 @@ class _Run:
         if self.world > 1:
             total = all_reduce_sum(total, device)
         model.eval()
-        if not all(bool(torch.isfinite(p).all()) for p in self.params):  # the epoch's last step overflowed
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):  # the last step overflowed
             self.diverged(f"the adapter's weights became NaN or infinite at the end of epoch {epoch + 1}")
         return {"epoch": epoch, "lr": lr, "train_loss": float(total[0] / total[1])}
 
