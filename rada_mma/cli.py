@@ -25,6 +25,7 @@ import torch
 from .config import METHODS
 from .demo import DEMO_METHODS, WORLD_MODEL, gains, published_table, run_demo, with_world_clip, world
 from .fewshot import distributed
+from .fewshot.cache import DATA_HASHES
 from .fewshot.evaluation import markdown_table
 from .fewshot.models import RANDOM_WEIGHTS
 from .fewshot.protocol import RunSpec, extract, run_base_to_new, run_grid
@@ -35,6 +36,7 @@ log = logging.getLogger("rada_mma")
 # Python argument names in library errors, as the flags that set them
 _FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "model_config", "split_file", "cache_dir", "pretrained", "adapter", "device", "model", "data", "shots",
+    "extract_batch_size", "data_hash", "batch_size", "weight_decay", "warmup_epochs", "warmup_lr",
 )}
 _FLAGS["out_dir"] = _FLAGS["out"] = "--out"
 
@@ -70,6 +72,9 @@ def _add_data(p: argparse.ArgumentParser, *, many: bool = False, required: bool 
     g.add_argument("--views", type=int, default=0,
                    help="augmented views per training image in the cache (default 0: no augmentation)")
     g.add_argument("--cache-dir", default=None, help="feature cache folder (default OUT/cache)")
+    g.add_argument("--data-hash", choices=DATA_HASHES, default="content",
+                   help="how image files enter the cache's fingerprint: every byte (default; an edited image is "
+                        "always noticed) or stat: size and modification time (faster on huge datasets)")
     g.add_argument("--extract-batch-size", type=int, default=128,
                    help="images per forward pass of the image encoder when filling the cache (default 128)")
 
@@ -135,7 +140,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         data=data, out=args.out, method=getattr(args, "method", "rada"), seed=getattr(args, "seed", 1),
         shots=args.shots, model=args.model, pretrained=args.pretrained, model_config=args.model_config,
         split_file=args.split_file, dataset=args.dataset, templates=tuple(args.template) if args.template else None,
-        views=args.views, rounding=args.rounding, cache_dir=args.cache_dir,
+        views=args.views, rounding=args.rounding, cache_dir=args.cache_dir, data_hash=args.data_hash,
         extract_batch_size=args.extract_batch_size, device=args.device, options=_adapter_options(args),
         train=_train_overrides(args), adapter=getattr(args, "adapter", None), progress=getattr(args, "progress", True),
     )

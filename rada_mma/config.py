@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METHODS", "AdapterConfig", "option_names"]
+__all__ = ["MAX_WIDTH", "METHODS", "AdapterConfig", "check_field_types", "option_names"]
 
 # Presets: "rada" (RationalMask), "rada+adapter" (RAda with residual adapters,
 # the paper's best base-to-new variant), "mma" (MMA as in the paper),
@@ -19,6 +21,9 @@ _MMA_FAMILY = ("mma", "mma-master", "mma+rada")
 _VARIANTS = {"paper": "mma", "master": "mma-master"}
 _SOFTMAXES = ("flat", "row")
 _REGULARIZERS = ("linf", "mse", "l1")
+# The widest embedding any adapter is built for: bounds what a config (or a crafted file) can make allocate.
+# CLIP widths are 512-1280; 65536 leaves room and keeps every parameter count far from an overflow.
+MAX_WIDTH = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -107,30 +112,42 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not isinstance(self.dim, int) or self.dim <= 0:
-            raise ValueError(f"dim must be a positive int (the embedding width), got {self.dim!r}")
+        check_field_types(self)
+        if not 0 < self.dim <= MAX_WIDTH:
+            raise ValueError(
+                f"dim must be a positive int up to {MAX_WIDTH} (the embedding width), got {self.dim!r}"
+            )
         if self.method in _RADA_FAMILY:
             _divides(self.heads, self.dim, "heads", "the embedding width")
-            if self.temperature <= 0:
-                raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            if not self.temperature > 0:
+                raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
             if self.softmax not in _SOFTMAXES:
                 raise ValueError(f"softmax must be one of {_SOFTMAXES}, got {self.softmax!r}")
             if self.regularizer not in _REGULARIZERS:
                 raise ValueError(
                     f"regularizer must be one of {_REGULARIZERS}, got {self.regularizer!r}"
                 )
-            if self.alpha < 0:
-                raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+            if not self.alpha >= 0:
+                raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha}")
         if self.method == "rada+adapter":
             _divides(self.reduction, self.dim, "reduction", "the embedding width")
         if self.method in _MMA_FAMILY:
-            if self.bottleneck < 0:
-                raise ValueError(f"bottleneck must be > 0 (or 0 for dim / 4), got {self.bottleneck}")
+            if not 0 <= self.bottleneck <= MAX_WIDTH:
+                raise ValueError(
+                    f"bottleneck must be > 0 (or 0 for dim / 4) and at most {MAX_WIDTH}, got {self.bottleneck}"
+                )
             # store the width itself, so that configs of the same model compare equal
             object.__setattr__(self, "bottleneck", self.bottleneck or self.dim // 4)
+            if self.bottleneck == 0:
+                raise ValueError(f"dim={self.dim} is too small for MMA's default bottleneck dim / 4; set bottleneck")
             _divides(self.mma_heads, self.mma_width, "mma_heads", "the MMA bottleneck width")
             if not 0.0 <= self.blend <= 1.0:
                 raise ValueError(f"blend (λ) must lie in [0, 1], got {self.blend}")
+        if self.method == "mma-master" and not 0 < self.hidden <= MAX_WIDTH:
+            raise ValueError(
+                f"hidden must be a positive int up to {MAX_WIDTH} (the inner width of mma-master's down/up maps), "
+                f"got {self.hidden}; the released value is 32"
+            )
 
     @property
     def mma_width(self) -> int:
@@ -184,6 +201,33 @@ def option_names(method: str) -> tuple[str, ...]:
     if method == "mma-master":
         names.append("hidden")
     return tuple(names)
+
+
+def check_field_types(config: Any) -> None:
+    """Each field of a config dataclass has its declared type: ints are integers (not bools), floats finite
+    real numbers, bools bools, strings strings.
+
+    Integer-valued floats are not ints here: ``heads=8.0`` is a typo worth hearing about. Numbers are stored
+    as plain ``int``/``float`` (``blend=1`` as ``1.0``, numpy scalars as Python's), so that configs compare
+    and serialise alike.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type == "int":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{f.name} must be an integer, got {value!r} ({type(value).__name__})")
+            object.__setattr__(config, f.name, int(value))
+        elif f.type == "float":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{f.name} must be a number, got {value!r} ({type(value).__name__})")
+            if not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+            object.__setattr__(config, f.name, float(value))
+        elif f.type == "bool":
+            if not isinstance(value, bool):
+                raise TypeError(f"{f.name} must be True or False, got {value!r} ({type(value).__name__})")
+        elif f.type == "str" and not isinstance(value, str):
+            raise TypeError(f"{f.name} must be a string, got {value!r} ({type(value).__name__})")
 
 
 def _divides(parts: int, whole: int, name: str, what: str) -> None:

@@ -9,6 +9,8 @@ rename survives a power cut. A reader sees the old file or the new one, never
 a torn one. A temporary left by a killed process is removed by the next write
 into its folder.
 
+Lock files too (:class:`exclusive_lock`): one run per folder at a time.
+
 Safetensors files are serialised here too (:func:`safetensors_bytes`), with
 tensors and metadata in sorted order, so that the same tensors and metadata
 give the same bytes (safetensors' own writer orders the metadata by a hash).
@@ -16,6 +18,7 @@ give the same bytes (safetensors' own writer orders the metadata by a hash).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -24,19 +27,28 @@ import re
 import shutil
 import socket
 import struct
+import sys
 import tempfile
+import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import Tensor
 
+try:
+    import fcntl
+except ImportError:  # Windows: lock files are created exclusively instead
+    fcntl = None
+
 __all__ = [
     "HOST_TAG",
+    "LockHeld",
     "atomic_write",
     "default_mode",
+    "exclusive_lock",
     "fsync_folder",
     "make_staging_folder",
     "replace_folder",
@@ -87,7 +99,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporaries that a process on this host left when it was killed mid-write."""
+    """Delete temporaries (files, and staging folders of :func:`replace_folder`) that a process on this host
+    left when it was killed mid-write."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -95,7 +108,14 @@ def _remove_stale_temporaries(folder: Path) -> None:
     for name in names:
         match = _TEMPORARY.match(name)
         if match and match.group(1) == HOST_TAG and not _pid_alive(int(match.group(2))):
-            Path(folder, name).unlink(missing_ok=True)
+            stale = Path(folder, name)
+            try:
+                if stale.is_dir() and not stale.is_symlink():  # a staging folder (make_staging_folder)
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink(missing_ok=True)
+            except OSError:  # gone already (another writer cleaned it), or not ours to remove: never fail the write
+                pass
 
 
 def fsync_folder(folder: Path) -> None:
@@ -296,3 +316,87 @@ def replace_folder(staging: str | os.PathLike, folder: str | os.PathLike) -> Pat
         shutil.rmtree(aside)
     fsync_folder(folder.parent)
     return folder
+
+
+# -- locks ---------------------------------------------------------------------------------------
+
+
+class LockHeld(BlockingIOError):
+    """Another live process holds the lock; ``holder`` is its record (pid, host, started, command)."""
+
+    def __init__(self, path: Path, holder: dict[str, Any]):
+        super().__init__(errno.EWOULDBLOCK, f"{path} is held by process {holder.get('pid', '?')}")
+        self.path, self.holder = path, holder
+
+
+def _holder_record() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)[:300]}
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        record = json.loads(os.read(fd, 1 << 16).decode("utf-8", "replace") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _take(path: Path) -> int:
+    """Open and lock ``path`` (exclusive, non-blocking): its descriptor, or :class:`LockHeld`."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, default_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise LockHeld(path, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # a releasing holder unlinks the file: a lock on its old inode guards nothing
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _take_without_flock(path: Path) -> int:
+    """Where ``flock`` is missing (Windows): create the file exclusively; a dead holder's file is taken over."""
+    for _ in range(2):
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, default_mode())
+        except FileExistsError:
+            fd = os.open(path, os.O_RDONLY)
+            holder = _read_holder(fd)
+            os.close(fd)
+            if holder.get("host") != socket.gethostname() or _pid_alive(int(holder.get("pid", 0) or 0)):
+                raise LockHeld(path, holder) from None
+            Path(path).unlink(missing_ok=True)  # its process is gone
+    raise LockHeld(path, {})
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``path`` as an exclusive lock file for a ``with`` block; :class:`LockHeld` if another process does.
+
+    The file records the holder (pid, host, start time, command), which the error reports. The lock is
+    the kernel's (``flock``), so it ends with its process however that ends: the file a killed process
+    leaves behind blocks nothing. Leaving the block, by any exit, releases the lock and removes the file.
+
+    Example:
+        >>> with exclusive_lock(run_folder / ".lock"):
+        ...     train()
+    """
+    path = Path(path)
+    fd = _take(path) if fcntl is not None else _take_without_flock(path)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_holder_record()).encode())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # while still held: nobody can take the file before it is gone
+        os.close(fd)

@@ -67,8 +67,14 @@ def _no_autocast(x: Tensor):
 
 
 def normalize(x: Tensor) -> Tensor:
-    """``x / ‖x‖`` over the last axis, in fp32, exactly as the authors write it."""
+    """``x / ‖x‖`` over the last axis, in fp32, as the authors write it but without overflow.
+
+    Each row is first divided by its largest magnitude, so the squares inside the norm stay in range:
+    ``x / x.norm()`` alone gives 0 for entries ≥ 1e19 in fp32 (the norm overflows to inf) and NaN for
+    tiny ones (it underflows to 0). Equal to the plain form to rounding (≤ 1 ulp per division).
+    """
     x = _up(x)
+    x = x / x.abs().amax(dim=-1, keepdim=True)  # rows in [-1, 1]: no square overflows or vanishes
     return x / x.norm(dim=-1, keepdim=True)
 
 

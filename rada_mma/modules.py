@@ -55,8 +55,14 @@ def _pair(layer: nn.Linear) -> tuple[Tensor, Tensor]:
     return layer.weight, layer.bias
 
 
-def check_features(image_features: Tensor, text_features: Tensor, dim: int) -> None:
-    """Raise a clear error for features an adapter of width ``dim`` cannot take."""
+def check_features(
+    image_features: Tensor, text_features: Tensor, dim: int, logit_scale: Tensor | float | None = None
+) -> None:
+    """Raise a clear error for features (and a logit scale) an adapter of width ``dim`` cannot take.
+
+    Shapes and dtypes are checked always; values (NaN or infinite entries, all-zero rows, a scale that is
+    not a finite number > 0) in eager mode, with one device synchronisation for all of them.
+    """
     if not isinstance(image_features, Tensor) or not isinstance(text_features, Tensor):
         raise TypeError(
             "image_features and text_features must be tensors, got "
@@ -82,25 +88,85 @@ def check_features(image_features: Tensor, text_features: Tensor, dim: int) -> N
             f"feature widths (image {widths[0]}, text {widths[1]}) must both equal the adapter's "
             f"dim={dim}; build the adapter with the encoders' embedding width"
         )
+    named = (("image_features", image_features), ("text_features", text_features))
+    for name, x in named:
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}; pass the encoder's output")
+    scale = _scale_value(logit_scale)
     if torch.compiler.is_compiling():
         return  # value checks would break the graph; eager calls still check
-    for name, x in (("image_features", image_features), ("text_features", text_features)):
+    flags = [check for _, x in named for check in (torch.isfinite(x).all(), x.ne(0).any(dim=-1).all())]
+    if isinstance(scale, Tensor):
+        flags.append(torch.isfinite(scale) & (scale > 0))
+    if all(torch.stack([f.to(image_features.device) for f in flags]).tolist()):  # the one synchronisation
+        return
+    for name, x in named:
         if not bool(torch.isfinite(x).all()):
             raise ValueError(
                 f"{name} contains NaN or infinite values; check the encoder's inputs and "
                 "precision (fp16 overflow is a common cause)"
             )
+        zero = x.eq(0).all(dim=-1).nonzero().flatten().tolist()
+        if zero:
+            raise ValueError(
+                f"{name} has {len(zero)} all-zero row(s) (e.g. row {zero[0]}): a zero vector has no direction, "
+                "so its logits would be NaN; check how those features were made (padding? a failed encode?)"
+            )
+    if scale is not None:
+        _bad_scale(float(scale))
 
 
-def _scale_tensor(logit_scale: Tensor | float, like: Tensor) -> Tensor:
+def check_logit_scale(logit_scale: Tensor | float) -> None:
+    """Raise a clear error unless ``logit_scale`` is a finite number > 0 (a float, or a scalar tensor)."""
+    scale = _scale_value(logit_scale)
+    if isinstance(scale, Tensor) and not bool(torch.isfinite(scale) & (scale > 0)):
+        _bad_scale(float(scale))
+
+
+def _scale_value(logit_scale: Tensor | float | None) -> Tensor | float | None:
+    """The scale as a 0-d tensor or a float, its shape and type checked (a float's value too)."""
+    if logit_scale is None:
+        return None
     if isinstance(logit_scale, Tensor):
         if logit_scale.numel() != 1:
             raise ValueError(
                 f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}; pass "
                 "the multiplicative scale, e.g. model.logit_scale.exp()"
             )
+        return logit_scale.detach().reshape(())
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale must be a number or a scalar tensor, got {type(logit_scale).__name__}")
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        _bad_scale(logit_scale)
+    return float(logit_scale)
+
+
+def _bad_scale(value: float) -> None:
+    raise ValueError(
+        f"logit_scale must be a finite number > 0 (the multiplicative scale s, e.g. model.logit_scale.exp(), "
+        f"about 100 for CLIP), got {value}; a log-scale passed without .exp() is a common cause"
+    )
+
+
+def _scale_tensor(logit_scale: Tensor | float, like: Tensor) -> Tensor:
+    if isinstance(logit_scale, Tensor):
         return logit_scale.reshape(()).to(device=like.device, dtype=torch.float32)
     return torch.tensor(float(logit_scale), device=like.device, dtype=torch.float32)
+
+
+def _compute_dtype(image: Tensor, text: Tensor, parameters: Tensor) -> torch.dtype:
+    """The dtype the adapter math runs in: the widest of the features' and the parameters' (fp16 features
+    meet fp32 parameters in fp32). Features wider than the parameters (fp64 features, fp32 ones for a
+    half-precision adapter) are an error outside autocast, rather than a dtype clash deep in a kernel."""
+    features = torch.promote_types(image.dtype, text.dtype)
+    dtype = torch.promote_types(features, parameters.dtype)
+    if dtype != parameters.dtype and not torch.is_autocast_enabled(image.device.type):
+        raise TypeError(
+            f"the features are {features} but the adapter's parameters are {parameters.dtype}; pass "
+            f"features.to({parameters.dtype}), or cast the adapter to {features} to compute in it, "
+            "or run under torch.autocast"
+        )
+    return dtype
 
 
 class _Adapter(nn.Module):
@@ -137,9 +203,9 @@ class _Adapter(nn.Module):
                 f"method {self.config.method!r} has no rational mask; return_mask=True is for "
                 "'rada', 'rada+adapter' and 'mma+rada'"
             )
-        check_features(image_features, text_features, self.dim)
+        check_features(image_features, text_features, self.dim, logit_scale)
         # fp16 features (OpenAI's models on CUDA) meet fp32 parameters: the adapter math runs in fp32
-        dtype = torch.promote_types(image_features.dtype, next(self.parameters()).dtype)
+        dtype = _compute_dtype(image_features, text_features, next(self.parameters()))
         image_features, text_features = image_features.to(dtype), text_features.to(dtype)
         scale = _scale_tensor(logit_scale, image_features)
         logits, mask = self._logits(image_features, text_features, scale)

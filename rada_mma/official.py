@@ -9,6 +9,7 @@ names them; ``to_official`` maps back.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,8 +65,16 @@ def _load_state(source: Any) -> Mapping[str, Tensor]:
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"no checkpoint at {os.fspath(source)!r}")
-        # weights_only: a checkpoint is data; never run code from a pickle
-        source = torch.load(source, map_location="cpu", weights_only=True)
+        path = os.fspath(source)
+        try:
+            # weights_only: a checkpoint is data; never run code from a pickle
+            source = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # empty or truncated files, other formats, refused pickles
+            detail = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}" if str(err) else type(err).__name__
+            raise ValueError(
+                f"{path!r} is not a readable PyTorch checkpoint ({detail}); give the released trainer's "
+                "model.pth.tar-N file (or its state dict); an empty or truncated file must be copied again"
+            ) from err
     if isinstance(source, Mapping) and "state_dict" in source and isinstance(source["state_dict"], Mapping):
         source = source["state_dict"]  # a checkpoint written by the released (Dassl) trainers
     if not isinstance(source, Mapping):
@@ -98,6 +107,12 @@ class _Finder:
         value = self.state[hits[0]]
         if not isinstance(value, Tensor):
             raise TypeError(f"{hits[0]!r} is a {type(value).__name__}, not a tensor")
+        ndim = 1 if name.endswith("bias") else 2
+        if value.dim() != ndim:
+            raise ValueError(
+                f"{hits[0]!r} has shape {tuple(value.shape)}; a layer's {'bias' if ndim == 1 else 'weight'} is "
+                f"{ndim}-D: the state dict is damaged or not of this method"
+            )
         return value.detach().to("cpu", torch.float32)
 
 
@@ -121,48 +136,71 @@ def from_official(method: str, state_dict: Any, *, strict: bool = True, **option
         raise ValueError(f"from_official knows {OFFICIAL_METHODS}, got {method!r} (mma+rada has no released code)")
     state = _load_state(state_dict)
     find = _Finder(state)
+    names = _official_names(method)
+    theirs: dict[str, Tensor] = {official: find(official) for official in names.values()}
     if method in ("rada", "rada+adapter"):
-        stacked = [(find(f"{n}.weight"), find(f"{n}.bias")) for n in _RADA_STACKED]
-        dim = stacked[0][0].shape[1]
-        for name, (w, b) in zip(_RADA_STACKED, stacked, strict=True):  # checked before they are stacked
-            if w.shape != (dim, dim) or b.shape != (dim,):
-                raise ValueError(
-                    f"{name}.weight/.bias have shapes {tuple(w.shape)}/{tuple(b.shape)}, expected "
-                    f"({dim}, {dim})/({dim},) like mha.q_proj3 (width {dim})"
-                )
-        sizes: dict[str, Any] = {}
-        if method == "rada+adapter":
-            sizes["reduction"] = dim // find("adapter_image.fc.0.weight").shape[0]
-    else:
-        in_proj = find("adapter.mha.in_proj_weight")
-        if method == "mma":
-            down = find("adapter.downsampler.weight")
-            sizes = {"bottleneck": down.shape[0]}
-        else:
-            down = find("adapter.downsampler.0.weight")
-            sizes = {"bottleneck": in_proj.shape[1], "hidden": down.shape[0]}
-        dim = down.shape[1]
+        theirs.update({f"{n}.{p}": find(f"{n}.{p}") for n in _RADA_STACKED for p in ("weight", "bias")})
+    dim, sizes = _sizes(method, theirs)
     config = AdapterConfig.for_method(method, dim, **sizes, **options)
     module = build_adapter(config)
-    ours: dict[str, Tensor] = {k: find(v) for k, v in _official_names(method).items()}
+    expected = module.state_dict()
+    for ours, official in names.items():
+        _check_shape(official, theirs[official], tuple(expected[ours].shape), config)
+    ours_state = {ours: theirs[official] for ours, official in names.items()}
     if method in ("rada", "rada+adapter"):
-        ours["to_qkv_rational.weight"] = torch.cat([w for w, _ in stacked])
-        ours["to_qkv_rational.bias"] = torch.cat([b for _, b in stacked])
+        for n in _RADA_STACKED:  # each a Linear(D, D) before they are stacked
+            _check_shape(f"{n}.weight", theirs[f"{n}.weight"], (dim, dim), config)
+            _check_shape(f"{n}.bias", theirs[f"{n}.bias"], (dim,), config)
+        ours_state["to_qkv_rational.weight"] = torch.cat([theirs[f"{n}.weight"] for n in _RADA_STACKED])
+        ours_state["to_qkv_rational.bias"] = torch.cat([theirs[f"{n}.bias"] for n in _RADA_STACKED])
     extra = sorted(set(state) - find.used)
     if strict and extra:
         raise ValueError(
             f"the state dict holds tensors that {method!r} does not use: {extra[:12]}; "
             "pass strict=False to ignore them, or check the method"
         )
-    expected = module.state_dict()
-    for name, value in ours.items():
-        if value.shape != expected[name].shape:
-            raise ValueError(
-                f"{name} (official {_official_names(method).get(name, 'q_proj3/k_proj/v_proj')}) has shape "
-                f"{tuple(value.shape)}, expected {tuple(expected[name].shape)} for {config}"
-            )
-    module.load_state_dict(ours, strict=True)
+    module.load_state_dict(ours_state, strict=True)
     return module
+
+
+def _most_common(values: list[int]) -> int:
+    """The size most tensors agree on (the first seen among equals): one damaged tensor is then the one named."""
+    return Counter(values).most_common(1)[0][0]
+
+
+def _sizes(method: str, t: Mapping[str, Tensor]) -> tuple[int, dict[str, int]]:
+    """The embedding width and the sizes the tensors tell, each by the vote of every tensor that shows it."""
+    if method in ("rada", "rada+adapter"):
+        dim = _most_common([t[f"{n}.bias"].shape[0] for n in (*_RADA_STACKED, *(v for v in _RADA_LINEAR.values()))])
+        if method == "rada":
+            return dim, {}
+        inner = _most_common([t[f"adapter_{side}.fc.{i}.weight"].shape[i // 2] for side in ("image", "text") for i in (0, 2)])
+        if inner == 0 or dim % inner:
+            raise ValueError(f"adapter_image.fc.0.weight has {inner} rows, not a divisor of the width {dim}")
+        return dim, {"reduction": dim // inner}
+    qkv = t["adapter.mha.in_proj_weight"]
+    bottleneck = [qkv.shape[1], qkv.shape[0] // 3, t["adapter.mha.out_proj.weight"].shape[0]]
+    if method == "mma":
+        down, up = t["adapter.downsampler.weight"], t["adapter.upsampler.weight"]
+        bottleneck += [down.shape[0], up.shape[1]]
+        return _most_common([down.shape[1], up.shape[0], t["adapter.upsampler.bias"].shape[0]]), {
+            "bottleneck": _most_common(bottleneck)
+        }
+    down0, down1 = t["adapter.downsampler.0.weight"], t["adapter.downsampler.1.weight"]
+    up0, up2 = t["adapter.upsampler.0.weight"], t["adapter.upsampler.2.weight"]
+    bottleneck += [down1.shape[0], up0.shape[1]]
+    hidden = [down0.shape[0], down1.shape[1], up0.shape[0], up2.shape[1]]
+    dim = _most_common([down0.shape[1], up2.shape[0], t["adapter.upsampler.2.bias"].shape[0]])
+    return dim, {"bottleneck": _most_common(bottleneck), "hidden": _most_common(hidden)}
+
+
+def _check_shape(official: str, value: Tensor, expected: tuple[int, ...], config: AdapterConfig) -> None:
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"{official} has shape {tuple(value.shape)}, expected {expected}: the other tensors say width "
+            f"{config.dim} ({', '.join(f'{k}={getattr(config, k)}' for k in ('bottleneck', 'hidden', 'reduction') if k in config.forward_fields())})"
+            "; the state dict is damaged or not of this method"
+        )
 
 
 def to_official(method: str, module: RationalMask | MultiModalAdapter) -> dict[str, Tensor]:

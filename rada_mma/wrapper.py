@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import kernels
 from .backends import Backend, detect_backend, model_device
 from .config import AdapterConfig
-from .modules import _Adapter, build_adapter, classification_loss
+from .modules import _Adapter, build_adapter, check_features, check_logit_scale, classification_loss
 from .serialization import load_adapter, save_adapter
 
 __all__ = ["AdaptedCLIP", "wrap"]
@@ -101,10 +101,13 @@ def wrap(
         config = AdapterConfig.for_method(method, width, **options)
     elif options or (dim is not None and dim != config.dim):
         raise TypeError("pass either config= or method options, not both")
-    if chosen.logit_scale(model) is None and logit_scale is None:
+    own_scale = chosen.logit_scale(model)
+    if own_scale is None and logit_scale is None:
         raise ValueError(
             f"{type(model).__name__} has no logit_scale; pass logit_scale=<multiplicative scale, e.g. 100.0>"
         )
+    # refused here, once, rather than as NaN logits later (RAda takes its square root)
+    check_logit_scale(logit_scale if logit_scale is not None else own_scale.detach().reshape(()))
     adapter = build_adapter(config, generator=generator).to(model_device(model))
     return AdaptedCLIP(model, adapter, chosen, freeze_backbone=freeze_backbone, logit_scale=logit_scale)
 
@@ -362,7 +365,7 @@ class AdaptedCLIP(nn.Module):
         if given != 1:
             raise ValueError("set_classes takes exactly one of: token ids, class names (with tokenizer=), text_features=")
         if text_features is not None:
-            features = _ensemble(self._check_text_features(text_features))
+            features = _ensemble(_usable_rows(self._check_text_features(text_features)))
             self._class_tokens = None
             self._store(features)
             return self
@@ -378,7 +381,7 @@ class AdaptedCLIP(nn.Module):
             tokens = classes
         features = self.encode_class_tokens(tokens, batch_size=batch_size)  # (K, T, D)
         self._class_tokens = tokens if not self.freeze_backbone else None
-        self._store(_ensemble(features))
+        self._store(_ensemble(_usable_rows(features)))
         return self
 
     def _check_text_features(self, features: Tensor) -> Tensor:
@@ -458,6 +461,7 @@ class AdaptedCLIP(nn.Module):
                     self._regularization = None
         else:
             self._regularization = None
+            check_features(image_features, text, self.adapter.dim, scale)
             logits = scale * kernels.normalize(image_features.float()) @ kernels.normalize(text.float()).T
         bias = self.logit_bias()
         logits = logits.float()
@@ -549,6 +553,22 @@ def _to_device(tokens: Any, model: AdaptedCLIP) -> Any:
     if isinstance(tokens, Tensor):
         return tokens.to(device)
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in tokens.items()}
+
+
+def _usable_rows(features: Tensor) -> Tensor:
+    """``features`` (``(K, D)`` or ``(K, T, D)``), after refusing NaN, infinite and all-zero prompt embeddings."""
+    rows = features.detach().reshape(-1, features.shape[-1])  # (K·T, D)
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError("class text features contain NaN or infinite values; check the tokens and the text encoder")
+    zero = rows.eq(0).all(dim=-1).nonzero().flatten().tolist()
+    if zero:
+        per_class = 1 if features.dim() == 2 else features.shape[1]
+        raise ValueError(
+            f"class text features have {len(zero)} all-zero row(s) (e.g. row {zero[0] // per_class}"
+            f"{'' if per_class == 1 else f', template {zero[0] % per_class}'}): a zero vector has no direction, so "
+            "its logits would be NaN; check how those features were made"
+        )
+    return features
 
 
 def _ensemble(features: Tensor) -> Tensor:

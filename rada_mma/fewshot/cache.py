@@ -44,21 +44,24 @@ from .distributed import barrier, comm_device, rank_world
 
 __all__ = [
     "FORMAT",
+    "DATA_HASHES",
     "FORMAT_VERSION",
     "Features",
+    "data_digest",
     "default_augment",
     "encode_class_texts",
     "extract_image_features",
     "fingerprint_parts",
     "load_features",
     "save_features",
+    "tensors_checksum",
     "weights_digest",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "rada_mma.features"
-FORMAT_VERSION = "1"  # bump when what is stored, or how features are computed, changes
+FORMAT_VERSION = "2"  # bump when what is stored, or how features are computed, changes (2: checksums)
 IMAGE_TENSORS = ("image", "labels")
 TEXT_TENSORS = ("text",)
 
@@ -119,8 +122,21 @@ def _sha(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _data_digest(splits: Splits, items: Sequence[Item]) -> str:
-    """sha256 of the item list: sources, labels and, for files, size and modification time."""
+DATA_HASHES = ("content", "stat")  # how image files enter the fingerprint
+
+
+def file_digest(path: Path, digest: Any, *, chunk: int = 1 << 20) -> None:
+    """Feed ``path``'s bytes into ``digest``, streamed (memory bounded by ``chunk``)."""
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+
+
+def data_digest(splits: Splits, items: Sequence[Item], data_hash: str = "content") -> str:
+    """sha256 of the item list: sources, labels and, for files, every byte (``"content"``) or size and
+    modification time (``"stat"``: cheaper on huge datasets, but blind to an edit that keeps both)."""
+    if data_hash not in DATA_HASHES:
+        raise ValueError(f"data_hash must be one of {', '.join(map(repr, DATA_HASHES))}, got {data_hash!r}")
     digest = hashlib.sha256(f"{splits.name}|{len(items)};".encode())
     if splits.dataset is not None:
         digest.update(f"dataset={type(splits.dataset).__name__}|{len(splits.dataset)};".encode())
@@ -129,12 +145,18 @@ def _data_digest(splits: Splits, items: Sequence[Item]) -> str:
             path = splits.path(item)
             try:
                 stat = path.stat()
+                digest.update(f"{item.source}|{item.label}|{stat.st_size}".encode())
+                if data_hash == "content":
+                    digest.update(b"=")
+                    file_digest(path, digest)
+                    digest.update(b";")
+                else:
+                    digest.update(f"|{stat.st_mtime_ns};".encode())
             except FileNotFoundError:
                 raise FileNotFoundError(f"image {path} is missing; load the data again from its current folder") from None
-            digest.update(f"{item.source}|{item.label}|{stat.st_size}|{stat.st_mtime_ns};".encode())
         else:
             digest.update(f"#{item.source}|{item.label};".encode())
-    return digest.hexdigest()
+    return f"{data_hash}:{digest.hexdigest()}"
 
 
 def fingerprint_parts(
@@ -148,13 +170,15 @@ def fingerprint_parts(
     seed: int = 0,
     autocast: bool = False,
     extra: Mapping[str, Any] | None = None,
+    data_hash: str = "content",
 ) -> dict[str, str]:
     """What image features depend on, one entry per kind, each a short string or a digest.
 
     Covered: the format version; the model's class and backend; every byte of
     the base model's weights and buffers; the preprocessing's ``repr``; the
     dataset name, each item's source and label and each image file's size and
-    modification time (a torch Dataset's samples are known only by index: put a
+    bytes (``data_hash="content"``, the default) or size and modification time
+    (``"stat"``); a torch Dataset's samples are known only by index (put a
     version of it in ``extra``); the number of views, the augmentation's
     ``repr`` and seed; whether bf16 autocast is on; and ``extra``. Not covered:
     the device and library versions, which change features by rounding only.
@@ -166,7 +190,7 @@ def fingerprint_parts(
         "model": f"{type(base).__module__}.{type(base).__qualname__}/backend={backend}",
         "weights": weights_digest(base),
         "preprocessing": _sha(_describe(transform)),
-        "data": _data_digest(splits, items),
+        "data": data_digest(splits, items, data_hash),
         "views": f"{views}" if views == 0 else f"{views}/seed={seed}/{_sha(_describe(augment))}",
         "precision": "bf16-autocast" if autocast else "fp32",
         "extra": _sha(extra or {}),
@@ -300,6 +324,7 @@ def extract_image_features(
     fingerprint_extra: Mapping[str, Any] | None = None,
     seed: int = 0,
     autocast: bool = True,
+    data_hash: str = "content",
 ) -> Features:
     """Raw image embeddings of ``items`` from the frozen image encoder, cached on disk.
 
@@ -329,6 +354,8 @@ def extract_image_features(
         fingerprint_extra: more things the features depend on (e.g. a dataset version), JSON-able.
         seed: seed of the augmentations.
         autocast: encode under bf16 autocast on CUDA (ignored on the CPU).
+        data_hash: image files in the fingerprint: every byte (``"content"``; ~1 % of the extraction time),
+            or size and modification time (``"stat"``, for huge datasets never edited in place).
 
     Returns:
         :class:`Features` on the CPU, fp32.
@@ -339,9 +366,8 @@ def extract_image_features(
         augment = default_augment(transform)
     amp = autocast and device.type == "cuda"
     rank, world = rank_world()
-    parts = fingerprint_parts(
-        model, splits, items, transform, views=views, augment=augment, seed=seed, autocast=amp, extra=fingerprint_extra
-    )
+    parts = fingerprint_parts(model, splits, items, transform, views=views, augment=augment, seed=seed, autocast=amp,
+                              extra=fingerprint_extra, data_hash=data_hash)
     fingerprint = _fingerprint(parts)
     if world > 1:
         _same_on_all_ranks(fingerprint, parts)
@@ -518,7 +544,11 @@ def _read_if_fresh(
 ) -> Features | None:
     if not _is_fresh(path, fingerprint, parts, "image"):
         return None
-    features = load_features(path)
+    try:
+        features = load_features(path)
+    except ValueError as err:  # its checksum, shapes or tensors: a damaged cache is rebuilt, never used
+        logger.warning("%s; rebuilding it", err)
+        return None
     if not torch.equal(features.labels, labels) or features.views != views:
         logger.warning("feature cache %s does not hold these items; rebuilding it", path)
         return None
@@ -606,7 +636,11 @@ def _tokens_digest(tokens: Any) -> str:
 def _read_text_if_fresh(path: Path, fingerprint: str, parts: Mapping[str, str]) -> Tensor | None:
     if not _is_fresh(path, fingerprint, parts, "text"):
         return None
-    tensors, _ = _read(path, TEXT_TENSORS)
+    try:
+        tensors, _ = _read(path, TEXT_TENSORS)
+    except ValueError as err:
+        logger.warning("%s; rebuilding it", err)
+        return None
     logger.info("loaded cached class text features %s from %s", tuple(tensors["text"].shape), path)
     return tensors["text"]
 
@@ -647,9 +681,20 @@ def load_features(path: str | os.PathLike) -> Features:
     return Features(image=image, labels=labels, fingerprint=meta.get("fingerprint", ""))
 
 
+def tensors_checksum(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order: what a cache file must still hold."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _write(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rada_mma_version": __version__, **meta}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rada_mma_version": __version__, **meta,
+            "checksum": tensors_checksum(tensors)}
     return save_safetensors(path, tensors, meta)
 
 
@@ -679,4 +724,9 @@ def _read(path: Path, expected: Sequence[str]) -> tuple[dict[str, Tensor], dict[
         )
     if sorted(tensors) != sorted(expected):
         raise ValueError(f"{path} holds tensors {sorted(tensors)}, expected {sorted(expected)}; extract the features again")
+    if meta.get("checksum") != tensors_checksum(tensors):
+        raise ValueError(
+            f"{path} is damaged: its tensors do not match the checksum written with them (altered or corrupted "
+            "on disk); delete it and extract again"
+        )
     return tensors, meta

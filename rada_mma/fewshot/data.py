@@ -60,6 +60,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 SPLIT_NAMES = ("train", "val", "test")
 FEW_SHOT_FORMAT = "rada_mma.few_shot"
 _WNID = re.compile(r"n\d{8}")
+_DRIVE = re.compile(r"[A-Za-z]:")  # a Windows drive: "C:/data/x.jpg" is not relative
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,11 @@ class Splits:
                     f"image {path} is missing (item {item.source!r} of {self.name}); was the dataset moved or "
                     "deleted? Load the data again from its current folder"
                 ) from None
-            except UnidentifiedImageError as err:
-                raise ValueError(f"{path} is not a readable image ({err}); replace or remove the file") from err
+            except (UnidentifiedImageError, OSError, SyntaxError) as err:  # PIL: "image file is truncated", ...
+                raise ValueError(
+                    f"{path} is not a readable image ({' '.join(str(err).split()) or type(err).__name__}); "
+                    "replace or remove the file"
+                ) from err
         if self.dataset is None:
             raise ValueError(f"item {item.source!r} is an index but these splits hold no dataset")
         sample = self.dataset[item.source]
@@ -333,8 +337,24 @@ def _from_image_folder(root: Path, *, classnames: list[str] | None, name: str | 
 
 
 def _image_files(folder: Path) -> list[Path]:
+    """The images under ``folder``, following links to folders (datasets are often linked in), but never
+    around a loop: a link back to a folder above would list other classes' images under this class."""
     files = []
+    seen = set()
     for directory, subdirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # reached again through another link: its images are listed once
+            logger.warning("%s is %s, already listed; its images are counted once", directory, real)
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        for d in subdirs:
+            target = os.path.realpath(os.path.join(directory, d))
+            if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
+                raise ValueError(
+                    f"{Path(directory) / d} links to {target}, a folder that contains it: a loop that would list "
+                    f"images again (and other classes' images under {folder.name}); remove the link"
+                )
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         files += [Path(directory) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
     return files
@@ -398,6 +418,11 @@ def _from_split_file(split_path: Path, image_dir: Path | None, *, classnames: li
                     f"{split_path}: {split}[{index}] is {entry!r}; each entry must be [relative path, integer label, "
                     "class name]"
                 )
+            if not _inside(entry[0]):
+                raise ValueError(
+                    f"{split_path}: {split}[{index}] has path {entry[0]!r}, which leaves the image folder; paths "
+                    "must be relative and stay inside it (no '..', no absolute paths)"
+                )
             checked.append((entry[0], entry[1], entry[2]))
         rows[split] = checked
     if not rows["train"]:
@@ -415,6 +440,12 @@ def _from_split_file(split_path: Path, image_dir: Path | None, *, classnames: li
         )
     splits = {s: [Item(path, label, names[label]) for path, label, _ in rows[s]] for s in SPLIT_NAMES}
     return Splits(name=title, classnames=names, root=image_dir, **splits)
+
+
+def _inside(relative: str) -> bool:
+    """Whether a dataset's relative path stays inside its folder (judged by its text, before any link)."""
+    parts = relative.replace("\\", "/").split("/")
+    return bool(relative) and not relative.startswith(("/", "\\")) and ".." not in parts and not _DRIVE.match(relative)
 
 
 def _label_names(rows: Mapping[str, list[tuple[str, int, str]]], where: str) -> list[str]:
@@ -478,6 +509,8 @@ def _from_fgvc(root: Path, *, classnames: list[str] | None, name: str | None) ->
                 image_id, _, variant = line.strip().partition(" ")
                 if variant not in labels:
                     raise ValueError(f"{listing}: variant {variant!r} of image {image_id} is not in {variants_file}")
+                if not _inside(f"images/{image_id}.jpg"):
+                    raise ValueError(f"{listing}: image id {image_id!r} leaves the images/ folder")
                 items.append(Item(f"images/{image_id}.jpg", labels[variant], names[labels[variant]]))
         splits[split] = items
     missing = [item.source for s in SPLIT_NAMES for item in splits[s] if not (root / item.source).is_file()]
@@ -579,7 +612,7 @@ def few_shot(splits: Splits, shots: int, seed: int, *, save_dir: str | os.PathLi
 
     Args:
         splits: the full data.
-        shots: K; ``shots <= 0`` keeps every item.
+        shots: K; ``0`` keeps every item (a negative K is an error).
         seed: the draw's seed (1, 2 and 3 by convention).
         save_dir: keep the draw in ``save_dir/shot_{K}-seed_{seed}.json`` and reuse it when present
             (checked against the data: an error if it names items the data lacks).
@@ -592,7 +625,9 @@ def few_shot(splits: Splits, shots: int, seed: int, *, save_dir: str | os.PathLi
     """
     if isinstance(shots, bool) or not isinstance(shots, int):
         raise TypeError(f"shots must be an integer, got {shots!r}")
-    if shots <= 0:
+    if shots < 0:  # once read as "all": a sign typo silently trained on every image
+        raise ValueError(f"shots must be >= 0 (0 keeps every training image), got {shots}")
+    if shots == 0:
         logger.info("shots=%d: using all %d training items", shots, len(splits.train))
         return dataclasses.replace(splits, train=list(splits.train), val=list(splits.val), test=list(splits.test))
     path = Path(save_dir) / f"shot_{shots}-seed_{seed}.json" if save_dir is not None else None

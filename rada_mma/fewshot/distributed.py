@@ -9,6 +9,7 @@ that the result equals a single-process run.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ __all__ = [
     "all_reduce_grads",
     "all_reduce_sum",
     "barrier",
+    "broadcast_object",
     "comm_device",
     "init_from_env",
     "is_main",
@@ -58,6 +60,15 @@ def barrier() -> None:
     """Wait for every rank (a no-op in one process)."""
     if rank_world()[1] > 1:
         dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (picklable objects; the value itself in one process)."""
+    if rank_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(x: Tensor, device: torch.device) -> Tensor:

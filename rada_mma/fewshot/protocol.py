@@ -25,18 +25,18 @@ from torch import Tensor
 from ..io import write_json
 from ..wrapper import AdaptedCLIP, wrap
 from . import data as fsdata
-from .cache import Features, encode_class_texts, extract_image_features
+from . import runs
+from .cache import DATA_HASHES, Features, encode_class_texts, extract_image_features
 from .datasets import templates_for
 from .distributed import is_main
 from .evaluation import harmonic_mean, write_results
 from .models import load_clip, model_name
+from .runs import ADAPTER_FILE
 from .train import FitResult, TrainConfig, accuracy, fit, preset
 
 __all__ = ["FeatureStore", "RunSpec", "extract", "run_base_to_new", "run_grid"]
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILE = "adapter.safetensors"
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,27 @@ class RunSpec:
     views: int = 0  # augmented views per training image in the cache
     rounding: str = "ceil"  # base classes: ceil(C/2) (CoOp) or floor (MMA)
     cache_dir: str | None = None  # feature cache folder (default OUT/cache)
+    data_hash: str = "content"  # image files in the cache's fingerprint: every byte, or "stat" (size, mtime)
     extract_batch_size: int = 128
     device: str | None = None  # default: cuda when available
     options: Mapping[str, Any] = field(default_factory=dict)
     train: Mapping[str, Any] = field(default_factory=dict)
     adapter: str | None = None  # evaluation only: the adapter file (default OUT/adapter.safetensors)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "shots", "views", "extract_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        if not 0 <= self.seed < 1 << 63:
+            raise ValueError(f"seed must lie in [0, 2**63) (torch's generators take 64 bits), got {self.seed}")
+        if self.shots < 0 or self.views < 0:
+            raise ValueError(f"shots and views must be >= 0 (shots 0: every image), got {self.shots} and {self.views}")
+        if self.extract_batch_size < 1:
+            raise ValueError(f"extract_batch_size must be >= 1, got {self.extract_batch_size}")
+        if self.data_hash not in DATA_HASHES:
+            raise ValueError(f"data_hash must be one of {', '.join(DATA_HASHES)}, got {self.data_hash!r}")
 
     def replace(self, **changes: Any) -> RunSpec:
         return dataclasses.replace(self, **changes)
@@ -139,7 +154,7 @@ class FeatureStore:
     def images(self, splits: fsdata.Splits, part: str, tag: str, views: int = 0) -> Features:
         return extract_image_features(
             self.model, splits, splits.split(part), self.preprocess, views=views,
-            batch_size=self.spec.extract_batch_size, device=self.spec.device_name,
+            batch_size=self.spec.extract_batch_size, device=self.spec.device_name, data_hash=self.spec.data_hash,
             cache_path=self.folder / f"{tag}-{part}-v{views}.safetensors", progress=self.spec.progress and is_main(),
         )
 
@@ -182,6 +197,12 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
             f"no adapter at {adapter_file}; train one first (rada-mma fit --out {spec.out}), or give adapter=FILE"
         )
     config = spec.train_config() if train else None
+    # one process per run folder; an evaluation of another adapter writes a folder of its own
+    with runs.claim(spec, train=train, adapter=adapter_file) as spec:
+        return _base_to_new(spec, config, adapter_file)
+
+
+def _base_to_new(spec: RunSpec, config: TrainConfig | None, adapter_file: Path | None) -> list[dict[str, Any]]:
     run_data = _base_to_new_data(spec)
     model, preprocess, tokenizer = _wrapped(spec)
     store = FeatureStore(spec, model, preprocess, tokenizer)
@@ -190,7 +211,7 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
     _check_test_covers_both_halves(run_data, test)
     model.set_classes(text_features=text[: run_data.cut])
     result = None
-    if train:
+    if config is not None:
         result = _train(spec, model, store, run_data.base, config)
     else:
         model.load_adapter(adapter_file)
@@ -307,21 +328,22 @@ def run_grid(
     """
     out = Path(out).expanduser()
     rows: list[dict[str, Any]] = []
-    for data_path, name in datasets:
-        folder = name or Path(data_path).expanduser().name
-        cache = Path(spec.cache_dir).expanduser() / folder if spec.cache_dir else out / folder / "cache"
-        for seed in seeds:
-            for index, method in enumerate(methods):
-                run = spec.replace(data=str(data_path), dataset=name, method=method, seed=seed,
-                                   out=str(run_folder(out, folder, method, seed)), cache_dir=str(cache))
-                if on_run is not None:
-                    on_run(run)
-                rows += [r for r in run_base_to_new(run) if r["method"] != "zero-shot" or index == 0]
-    if is_main():
-        from .plots import plot_summary
+    with runs.hold(out):  # each run holds its own folder too
+        for data_path, name in datasets:
+            folder = name or Path(data_path).expanduser().name
+            cache = Path(spec.cache_dir).expanduser() / folder if spec.cache_dir else out / folder / "cache"
+            for seed in seeds:
+                for index, method in enumerate(methods):
+                    run = spec.replace(data=str(data_path), dataset=name, method=method, seed=seed,
+                                       out=str(run_folder(out, folder, method, seed)), cache_dir=str(cache))
+                    if on_run is not None:
+                        on_run(run)
+                    rows += [r for r in run_base_to_new(run) if r["method"] != "zero-shot" or index == 0]
+        if is_main():
+            from .plots import plot_summary
 
-        write_results(rows, out)
-        _maybe_plot(plot_summary, rows, out / "results.png")
+            write_results(rows, out)
+            _maybe_plot(plot_summary, rows, out / "results.png")
     return rows
 
 
@@ -332,15 +354,16 @@ def extract(spec: RunSpec) -> list[Tensor]:
     splits = load_splits(spec)
     model, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
     store = FeatureStore(spec, wrap(model, method="rada"), preprocess, tokenizer)  # the encoders only
-    written = [store.texts(splits)]
-    if splits.test:
-        written.append(store.images(splits, "test", "all").image)
-    if spec.shots:
-        drawn = fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=spec.out_dir / "split")
-        part, tag = fsdata.subsample_classes(drawn, "base", rounding=spec.rounding), store.few_shot_tag
-    else:
-        part, tag = splits, "all"
-    written.append(store.images(part, "train", tag, views=spec.views).image)
-    if part.val:
-        written.append(store.images(part, "val", tag).image)
+    with runs.hold(spec.out_dir) if spec.out else contextlib.nullcontext():
+        written = [store.texts(splits)]
+        if splits.test:
+            written.append(store.images(splits, "test", "all").image)
+        if spec.shots:
+            drawn = fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=spec.out_dir / "split")
+            part, tag = fsdata.subsample_classes(drawn, "base", rounding=spec.rounding), store.few_shot_tag
+        else:
+            part, tag = splits, "all"
+        written.append(store.images(part, "train", tag, views=spec.views).image)
+        if part.val:
+            written.append(store.images(part, "val", tag).image)
     return written

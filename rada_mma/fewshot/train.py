@@ -21,13 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import METHODS
+from ..config import METHODS, check_field_types
 from ..io import save_torch
 from ..modules import classification_loss
 from ..wrapper import AdaptedCLIP
 from .distributed import all_reduce_grads, all_reduce_sum, barrier, rank_world
 
-__all__ = ["CHOICES", "PRESETS", "FitResult", "TrainConfig", "accuracy", "fit", "learning_rate", "preset"]
+__all__ = [
+    "CHOICES", "PRESETS", "FitResult", "TrainConfig", "TrainingDiverged", "accuracy", "fit", "learning_rate", "preset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class TrainConfig:
     amp: bool = _option("bf16 autocast when training on CUDA", default=True)
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # ints, finite floats, bools: NaN or "abc" never reaches an optimiser
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -74,8 +77,11 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
-        if self.warmup_epochs < 0 or self.patience < 0:
-            raise ValueError("warmup_epochs and patience must be >= 0")
+        for name in ("warmup_epochs", "patience", "weight_decay", "momentum", "warmup_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 1 << 63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
 
 
 # The released set-ups (docs/methods.md). RAda: 5 epochs, cosine with one warm-up
@@ -105,6 +111,10 @@ def preset(method: str, **overrides: Any) -> TrainConfig:
     if unknown:
         raise TypeError(f"unknown training option(s) {unknown}; known: {', '.join(sorted(fields))}")
     return dataclasses.replace(PRESETS[method], **overrides)
+
+
+class TrainingDiverged(ValueError):
+    """Training stopped at a non-finite loss (or weights): the run's settings cannot train this adapter."""
 
 
 @dataclass
@@ -270,17 +280,21 @@ class _Run:
         views = torch.randint(features.shape[1], (n,), generator=self.generator) if features.dim() == 3 else None
         total = torch.zeros(2, dtype=torch.float64)  # summed loss, images
         use_amp = c.amp and device.type == "cuda"
-        for start in range(0, n, c.batch_size):
+        for step, start in enumerate(range(0, n, c.batch_size)):
             batch = order[start : start + c.batch_size]
             local = batch[self.rank :: self.world]  # every rank takes its share of the same global batch
+            value = 0.0
             if len(local):
                 feats = features[local] if views is None else features[local, views[local]]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     logits = model.logits_from_features(feats.to(device))
                     loss = classification_loss(logits, labels[local].to(device), model.regularization(), check=False)
+                value = float(loss.detach())
+            self.check_finite(value, epoch, step, -(-n // c.batch_size))  # before a NaN gradient reaches the weights
+            if len(local):
                 # mean over the global batch = sum over ranks of local means weighted by their share
                 (loss * (len(local) / len(batch))).backward()
-                total += torch.tensor([float(loss.detach()) * len(local), len(local)], dtype=torch.float64)
+                total += torch.tensor([value * len(local), len(local)], dtype=torch.float64)
             if self.world > 1:
                 all_reduce_grads(self.params)
             self.optimizer.step()
@@ -288,7 +302,27 @@ class _Run:
         if self.world > 1:
             total = all_reduce_sum(total, device)
         model.eval()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):  # the last step overflowed
+            self.diverged(f"the adapter's weights became NaN or infinite at the end of epoch {epoch + 1}")
         return {"epoch": epoch, "lr": lr, "train_loss": float(total[0] / total[1])}
+
+    def check_finite(self, loss: float, epoch: int, step: int, steps: int) -> None:
+        """Stop at the first non-finite loss of any rank (every rank stops at the same step)."""
+        bad = not math.isfinite(loss)
+        if self.world > 1:
+            bad = bool(all_reduce_sum(torch.tensor([float(bad)]), self.device)[0] > 0)
+        if bad:
+            value = f"the loss is {loss}" if self.world == 1 else "the loss of a rank is non-finite"
+            where = f"epoch {epoch + 1} of {self.config.epochs}, step {step + 1} of {steps}"
+            self.diverged(f"{value} at {where} (lr {learning_rate(self.config, epoch):g})")
+
+    def diverged(self, what: str) -> None:
+        kept = (f"; {self.out / CHECKPOINT} keeps the last finite epoch: delete it (or use another out_dir) to train "
+                "with other settings") if self.out is not None and (self.out / CHECKPOINT).exists() else ""
+        raise TrainingDiverged(
+            f"training diverged: {what}. No adapter is written. Likely causes: a learning rate too high (try 10x "
+            f"lower), or adapter options that make the logits overflow (temperature, alpha, blend){kept}"
+        )
 
     def validate(self, record: dict[str, float], features: Tensor, labels: Tensor) -> None:
         """Validation accuracy into ``record``; keeps the best weights and counts epochs without progress."""

@@ -10,52 +10,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
-from PIL import Image
 
 from rada_mma.cli import main
-from rada_mma.fewshot import data
+from rada_mma.fewshot import data, runs
 from rada_mma.fewshot.cache import extract_image_features, load_features
 from rada_mma.fewshot.evaluation import harmonic_mean, read_results
 from rada_mma.fewshot.train import accuracy
+from tests.helpers import files
 
-CLASSES = ("red_apple", "green_leaf", "blue_sky", "black_cat")  # sorted: black cat, blue sky | green leaf, red apple
-COUNTS = {"train": 6, "val": 2, "test": 4}
-CONFIG = {"embed_dim": 32,
-          "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+CLASSES, COUNTS, CONFIG, write_model = files.CLASSES, files.COUNTS, files.CONFIG, files.write_model
 
 
 def make_images(root: Path, seed: int, counts: dict[str, int] = COUNTS) -> Path:
-    """Each class a colour, plus noise: 32x32 PNGs."""
-    rng = np.random.default_rng(seed)
-    for split, n in counts.items():
-        for c, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = (rng.normal(size=(32, 32, 3)) * 40 + 60 * c).clip(0, 255).astype("uint8")
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
-def write_model(folder: Path, name: str, config: dict, seed: int) -> tuple[Path, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(config))
-    open_clip.add_model_config(path)
-    torch.manual_seed(seed)
-    weights = folder / f"{name}-seed{seed}.pt"
-    torch.save(open_clip.create_model(name).state_dict(), weights)
-    return path, weights
+    return files.write_images(root, seed, counts)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +148,37 @@ def test_eval_reproduces_the_fit(world, mma_run, capsys):
     run_ok(cli(world, "eval", "--method", "mma", "--adapter", str(mma_run / "adapter.safetensors"),
                "--out", str(elsewhere)), capsys)
     assert read_results(elsewhere) == fitted
+
+
+def test_eval_of_another_adapter_never_overwrites_the_run(world, mma_run, tmp_path, capsys, caplog):
+    """``eval --adapter X --out RUN`` once replaced RUN's results with X's: a folder that disagreed with itself."""
+    before = {name: (mma_run / name).read_bytes() for name in ("results.json", "results.md", "adapter.png", "owner.json")}
+    other = tmp_path / "other"
+    run_ok(cli(world, "fit", "--method", "mma", "--epochs", "1", "--lr", "0.05", "--out", str(other)), capsys)
+    with caplog.at_level(logging.WARNING, logger="rada_mma.fewshot.runs"):
+        run_ok(cli(world, "eval", "--method", "mma", "--adapter", str(other / "adapter.safetensors"),
+                   "--out", str(mma_run)), capsys)
+    assert {name: (mma_run / name).read_bytes() for name in before} == before
+    (evaluated,) = (mma_run / "evals").iterdir()
+    assert evaluated.name.startswith("adapter-") and f"go to {evaluated}" in caplog.text
+    assert read_results(evaluated) == read_results(other)  # the other adapter's numbers, in a folder of its own
+    owner = json.loads((evaluated / "owner.json").read_text())
+    assert owner["kind"] == "eval" and owner["adapter"] == str((other / "adapter.safetensors").resolve())
+    # the run's own adapter, evaluated again, stays in the run's folder
+    run_ok(cli(world, "eval", "--method", "mma", "--out", str(mma_run)), capsys)
+    assert (mma_run / "results.json").read_bytes() == before["results.json"]
+    assert [p.name for p in (mma_run / "evals").iterdir()] == [evaluated.name]
+
+
+def test_a_run_folder_in_use_is_refused(world, tmp_path, capsys):
+    """Two fits into one --out once both exited 0, one run's outputs silently lost."""
+    out = tmp_path / "busy"
+    with runs.hold(out):  # as another process's run holds it (flock: each holder is its own open file)
+        line = run_error(cli(world, "fit", "--epochs", "1", "--out", str(out)), capsys)
+    assert re.search(rf"{re.escape(str(out))} is in use by another run: process {os.getpid()} on .*; wait for it", line)
+    assert not (out / "adapter.safetensors").exists()
+    run_ok(cli(world, "fit", "--epochs", "1", "--out", str(out)), capsys)  # released: the next run goes ahead
+    assert not (out / runs.LOCK_FILE).exists()
 
 
 def test_fit_rada_and_options(world, tmp_path, capsys):
@@ -295,14 +303,36 @@ def test_errors_are_one_line_with_status_2(world, tmp_path, capsys):
         (cli(world, "fit", *out, model=False) + ["--model-config", str(tmp_path / "none.json")], "does not exist"),
         (cli(world, "fit", *out, "--option", "alpha"), "--option takes KEY=VALUE"),
         (cli(world, "eval", *out), "no adapter at"),
+        # once: exit 0 with NaN logits, a traceback, or a raw Python message
+        (cli(world, "fit", *out, "--option", "temperature=NaN"), "temperature must be a finite number, got nan"),
+        (cli(world, "fit", *out, "--option", "temperature=abc"), "temperature must be a number, got 'abc' (str)"),
+        (cli(world, "fit", *out, "--option", "alpha=Infinity"), "alpha must be a finite number, got inf"),
+        (cli(world, "fit", *out, "--lr", "nan"), "lr must be a finite number, got nan"),
+        (cli(world, "fit", *out, "--weight-decay", "inf"), "--weight-decay must be a finite number, got inf"),
+        (cli(world, "fit", *out, "--seed", str(2**70)), "seed must lie in [0, 2**63)"),
+        (cli(world, "eval", *out, "--seed", str(2**70)), "seed must lie in [0, 2**63)"),
+        (cli(world, "fit", *out, shots=0) + ["--shots", "-3"], "shots and views must be >= 0"),
+        (cli(world, "fit", *out, "--template", "a photo of {} and {}"), "must hold exactly one {}"),
     ]
     for argv, expected in cases:
         line = run_error(argv, capsys)
         assert expected in line, line
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
     # a run folder holds one run: another configuration is refused, not mixed in
     run_ok(cli(world, "fit", "--epochs", "1", *out), capsys)
     line = run_error(cli(world, "fit", "--epochs", "2", *out), capsys)
-    assert "belongs to another run" in line and "delete the checkpoint to start over" in line
+    assert "holds the finished run (train.epochs: 1 there, 2 now); choose another out folder" in line
+
+
+def test_a_diverging_fit_stops_and_writes_no_adapter(world, tmp_path, capsys):
+    """Once: exit 0, a saved adapter of NaN weights, 50 % accuracy."""
+    out = tmp_path / "run"
+    assert main(cli(world, "fit", "--method", "mma", "--lr", "1e30", "--epochs", "3", "--out", str(out))) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert re.match(r"rada-mma fit: error: training diverged: the loss is nan at epoch \d of 3, step 1 of 1", line)
+    assert "No adapter is written" in line
+    assert not (out / "adapter.safetensors").exists() and not (out / "results.json").exists()
+    assert not (out / runs.LOCK_FILE).exists()  # released on the error path too
 
 
 def test_console_script_help():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -124,6 +126,39 @@ def test_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_path):
     assert not stale.exists() and alive.exists() and foreign.exists()
 
 
+def test_staging_folders_of_dead_processes_are_removed_by_the_next_write(tmp_path):
+    """A killed ``replace_folder`` user (e.g. demo.write_task) once made every later write into the folder fail."""
+    pid = dead_pid()
+    staging = tmp_path / f".task.{io.HOST_TAG}-{pid}.abcd1234.tmp"
+    (staging / "images").mkdir(parents=True)
+    (staging / "images" / "0.png").write_bytes(b"\0" * 10)
+    io.write_text(tmp_path / "next.txt", "x")
+    assert sorted(os.listdir(tmp_path)) == ["next.txt"]
+
+
+def dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
+def test_writes_are_durable(tmp_path, monkeypatch):
+    """The file's bytes, then the folder's entry, reach the disk before a write returns."""
+    synced = []
+    fsync = os.fsync
+
+    def record(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    io.save_safetensors(tmp_path / "a.safetensors", {"w": torch.ones(2)})
+    assert synced == ["file", "folder"]
+    synced.clear()
+    staging = io.make_staging_folder(tmp_path / "task")
+    io.atomic_write(staging / "x.txt", b"x", sync=False)  # synced all at once by replace_folder (syncfs)
+    io.replace_folder(staging, tmp_path / "task")
+    assert synced == ["folder"]  # the parent's entry of the swapped-in folder
+
+
 WRITER = textwrap.dedent(
     """
     import sys
@@ -153,3 +188,18 @@ def test_a_process_killed_mid_write_leaves_the_old_file_or_the_new_one(tmp_path)
         assert len(content) == size and content in (bytes([0]) * size, bytes([1]) * size), "a torn file"
     io.write_text(tmp_path / "after.txt", "x")  # the next write clears the killed writers' temporaries
     assert sorted(os.listdir(tmp_path)) == ["after.txt", "big.bin"]
+
+
+def test_an_exclusive_lock_names_its_holder_and_goes_with_it(tmp_path):
+    lock = tmp_path / ".lock"
+    with io.exclusive_lock(lock):
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"]
+        with pytest.raises(io.LockHeld) as held, io.exclusive_lock(lock):
+            pass
+        assert held.value.holder == holder and isinstance(held.value, BlockingIOError)
+    assert not lock.exists()
+    with pytest.raises(RuntimeError), io.exclusive_lock(lock):  # any exit releases it
+        raise RuntimeError
+    with io.exclusive_lock(lock):
+        pass

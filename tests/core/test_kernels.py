@@ -584,7 +584,21 @@ BAD_FEATURES = {
     "nan-image": (lambda: with_value(0, float("nan")), ValueError, r"image_features contains NaN or inf"),
     "inf-text": (lambda: with_value(1, float("inf")), ValueError, r"text_features contains NaN or inf"),
     "not-tensors": (lambda: (torch.randn(B, D).tolist(), torch.randn(K, D)), TypeError, r"must be tensors"),
+    # a zero row has no direction: once NaN logits for every class (a text row) or image
+    "zero-text-row": (lambda: with_row(1, 3, 0.0), ValueError, r"text_features has 1 all-zero row\(s\) \(e.g. row 3\)"),
+    "zero-image-row": (lambda: with_row(0, 1, 0.0), ValueError, r"image_features has 1 all-zero row\(s\) \(e.g. row 1\)"),
+    # once a raw "mat1 and mat2 must have the same dtype" from inside a kernel
+    "float64": (lambda: tuple(x.double() for x in finite_features()), TypeError,
+                r"features are torch.float64 but the adapter's parameters are torch.float32; pass features.to"),
+    "integers": (lambda: (torch.ones(B, D, dtype=torch.long), torch.randn(K, D)), TypeError,
+                 r"image_features must be a floating-point tensor, got torch.int64"),
 }
+
+
+def with_row(which: int, row: int, value: float):
+    features = list(finite_features())
+    features[which][row] = value
+    return tuple(features)
 
 
 @pytest.mark.parametrize("case", BAD_FEATURES)
@@ -601,6 +615,26 @@ def test_non_scalar_logit_scale_raises(method):
     module = build_adapter(AdapterConfig.for_method(method, D))
     with pytest.raises(ValueError, match=r"logit_scale must be a scalar, got shape \(2,\)"):
         module(*finite_features(), torch.tensor([100.0, 100.0]))
+
+
+@pytest.mark.parametrize("scale", [-100.0, 0.0, float("nan"), float("inf"), torch.tensor(-1.0), torch.tensor(float("nan"))])
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_invalid_logit_scales_are_refused(method, scale):
+    """Once: RAda all NaN (it takes √s), MMA silently negated logits (s < 0) or ±inf."""
+    module = build_adapter(AdapterConfig.for_method(method, D))
+    with pytest.raises(ValueError, match=r"logit_scale must be a finite number > 0 .* got"):
+        module(*finite_features(), scale)
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e30, 1e-25])
+@pytest.mark.parametrize("method", ["rada", "mma"])
+def test_huge_and_tiny_features_give_the_logits_of_unit_features(method, magnitude):
+    """``x / ‖x‖`` overflowed at 1e20 (norm inf: logits of zero vectors) and underflowed at 1e-25 (NaN)."""
+    module = build_adapter(AdapterConfig.for_method(method, D), generator=seeded(3))
+    image, text = finite_features()
+    expected = module(image, text, SCALE)
+    got = module(image * magnitude, text * magnitude, SCALE)
+    assert torch.isfinite(got).all() and torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["mma", "mma-master"])
@@ -637,9 +671,34 @@ BAD_CONFIGS = {
     "unknown-option": (dict(method="rada", head=4), TypeError, r"unknown adapter option\(s\) \['head'\]"),
     "bad-softmax": (dict(method="rada", softmax="column"), ValueError, r"softmax must be one of"),
     "bad-regularizer": (dict(method="rada", regularizer="l2"), ValueError, r"regularizer must be one of"),
-    "bad-temperature": (dict(method="rada", temperature=0.0), ValueError, r"temperature must be > 0"),
+    "bad-temperature": (dict(method="rada", temperature=0.0), ValueError, r"temperature must be a finite number > 0"),
     "bad-blend": (dict(method="mma", blend=1.5), ValueError, r"blend \(λ\) must lie in \[0, 1\]"),
+    # non-finite and mistyped options (once accepted: NaN logits, or a raw comparison error)
+    "nan-temperature": (dict(method="rada", temperature=float("nan")), ValueError, r"temperature must be a finite"),
+    "inf-alpha": (dict(method="rada", alpha=float("inf")), ValueError, r"alpha must be a finite number, got inf"),
+    "nan-alpha": (dict(method="mma+rada", alpha=float("nan")), ValueError, r"alpha must be a finite number, got nan"),
+    "nan-blend": (dict(method="mma", blend=float("nan")), ValueError, r"blend must be a finite number, got nan"),
+    "inf-blend": (dict(method="mma", blend=float("-inf")), ValueError, r"blend must be a finite number, got -inf"),
+    "bool-heads": (dict(method="rada", heads=True), TypeError, r"heads must be an integer, got True \(bool\)"),
+    "float-heads": (dict(method="rada", heads=8.0), TypeError, r"heads must be an integer, got 8.0"),
+    "word-temperature": (dict(method="rada", temperature="abc"), TypeError, r"temperature must be a number, got 'abc'"),
+    "list-softmax": (dict(method="rada", softmax=["flat"]), TypeError, r"softmax must be a string"),
+    "zero-hidden": (dict(method="mma-master", hidden=0), ValueError, r"hidden must be a positive int up to 65536"),
+    "huge-bottleneck": (dict(method="mma", bottleneck=1 << 40), ValueError, r"bottleneck must be > 0 .* at most"),
 }
+
+
+@pytest.mark.parametrize("dim", [0, -4, 1 << 17, 1 << 40])
+def test_widths_are_bounded(dim):
+    with pytest.raises(ValueError, match=r"dim must be a positive int up to 65536"):
+        AdapterConfig.for_method("rada", dim)
+
+
+def test_numbers_are_stored_as_plain_python_numbers():
+    import numpy as np
+
+    config = AdapterConfig.for_method("mma", 64, blend=1, mma_heads=np.int64(2))
+    assert config.blend == 1.0 and type(config.blend) is float and type(config.mma_heads) is int
 
 
 @pytest.mark.parametrize("case", BAD_CONFIGS)

@@ -153,6 +153,11 @@ WRONG_SHAPES = [
     ("mma", "adapter.mha.out_proj.weight", (8, 9)),
     ("mma", "adapter.mha.in_proj_weight", (36, 11)),
     ("mma-master", "adapter.upsampler.0.weight", (8, 13)),
+    # the tensors that tell a size: once a wrong downsampler was reported as an upsampler error
+    ("mma", "adapter.downsampler.weight", (12, DIM + 4)),
+    ("mma", "adapter.upsampler.weight", (DIM + 4, 12)),
+    ("mma-master", "adapter.downsampler.0.weight", (8, DIM + 4)),
+    ("rada+adapter", "adapter_image.fc.0.weight", (2, DIM)),
 ]
 
 
@@ -164,6 +169,26 @@ def test_wrong_shape_is_named(method, name, shape):
     with pytest.raises(ValueError, match=re.escape(layer)) as error:
         from_official(method, state)
     assert str(shape) in str(error.value), f"the error does not show the wrong shape {shape}: {error.value}"
+    assert str(error.value).startswith(name), f"the error names another tensor first: {error.value}"
+
+
+@pytest.mark.parametrize("method, name", [("mma", "adapter.mha.in_proj_weight"), ("rada", "mha.q_proj3.weight"),
+                                          ("mma", "adapter.downsampler.bias")])
+def test_tensors_of_the_wrong_rank_are_named(method, name):
+    """Once an IndexError ("tuple index out of range")."""
+    state = official_state(method)
+    state[name] = state[name].reshape(-1) if name.endswith("weight") else state[name][None]
+    with pytest.raises(ValueError, match=rf"'{re.escape(name)}' has shape .*; a layer's (weight|bias) is [12]-D"):
+        from_official(method, state)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04 truncated zip"])
+def test_unreadable_checkpoint_files_are_named(content, tmp_path):
+    """Once a bare ``EOFError`` with an empty message for a zero-byte file."""
+    path = tmp_path / "model.pth.tar-5"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"'{re.escape(str(path))}' is not a readable PyTorch checkpoint \(\w+"):
+        from_official("rada", path)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from collections.abc import Callable
 from pathlib import Path
 
@@ -218,10 +219,32 @@ LOAD_ERRORS = {
     "torch.save pickle": (_pickle, ValueError, NOT_SAFETENSORS),
     "no rada_mma metadata": (_no_metadata, ValueError, "a safetensors file but not a rada_mma adapter"),
     "missing file": (lambda p: p.with_name("nothing.safetensors"), FileNotFoundError, "no adapter file at"),
+    # once silently accepted: the flat metadata contradicting the config, integer tensors cast, NaN weights
+    "metadata method contradicts config": (lambda p: _rewrite(p, _set("method", "mma")), ValueError,
+                                           "its metadata says method='mma' but its config says method='rada'"),
+    "metadata dim contradicts config": (lambda p: _rewrite(p, _set("dim", "64")), ValueError,
+                                        "its metadata says dim='64' but its config says dim='32'"),
+    "integer tensor": (lambda p: _rewrite(p, lambda t, m: t.__setitem__("to_out.bias", t["to_out.bias"].long())),
+                       ValueError, r"tensor 'to_out.bias' is stored as I64; adapter tensors are floating point"),
+    "NaN weights": (lambda p: _rewrite(p, lambda t, m: t["to_out.weight"].view(-1)[7:9].fill_(float("nan"))),
+                    ValueError, r"tensor\(s\) \['to_out.weight'\] hold NaN or infinite values"),
+    # once: a 100 KB file claiming dim=16384 allocated 6.8 GB before any shape was checked; 2^40 overflowed
+    "crafted width": (lambda p: _rewrite(p, _claim_width(8192)), ValueError,
+                      r"(expected \(.*8192|embedding width 8192)"),
+    "absurd width": (lambda p: _rewrite(p, _claim_width(1 << 40)), ValueError, "dim must be a positive int up to 65536"),
 }
 # Whatever the module, these are wrong in the file itself.
 FILE_ERRORS = ("other format version", "newer config field", "truncated", "random bytes", "empty",
-               "torch.save pickle", "no rada_mma metadata", "missing file")
+               "torch.save pickle", "no rada_mma metadata", "missing file", "metadata method contradicts config",
+               "metadata dim contradicts config", "integer tensor", "crafted width", "absurd width")
+
+
+def _claim_width(dim: int):
+    def edit(tensors, metadata):
+        metadata["config"] = json.dumps({**json.loads(metadata["config"]), "dim": dim})
+        metadata["dim"] = str(dim)
+
+    return edit
 
 
 @pytest.fixture
@@ -243,6 +266,33 @@ def test_load_errors_name_the_difference(case, good_file):
             load_adapter(bad)
         with pytest.raises(error, match=message):
             read_adapter_config(bad)
+
+
+def test_a_crafted_width_allocates_nothing(good_file):
+    """The header is checked before any module is built: a file claiming dim=8192 (RAda: 1.6 GB) costs nothing."""
+    bad = _rewrite(good_file, _claim_width(8192))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    for read in (load_adapter, read_adapter_config):
+        with pytest.raises(ValueError, match="expected"):
+            read(bad)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000
+
+
+def test_wider_tensors_load_with_a_warning(good_file):
+    """A float64 file loads into a float32 adapter (what a user may mean), but not silently."""
+    wide = _rewrite(good_file, lambda t, m: t.update({k: v.double() for k, v in t.items()}))
+    with pytest.warns(UserWarning, match="stores torch.float64 tensors, loaded into a torch.float32 adapter"):
+        module = load_adapter(wide)
+    assert_same_state(module, state(load_adapter(good_file)))
+
+
+def test_non_finite_adapters_are_never_saved(tmp_path):
+    module = build_adapter(AdapterConfig.for_method("mma", 32))
+    with torch.no_grad():
+        module.up.bias[3] = float("inf")
+    with pytest.raises(ValueError, match=r"tensor\(s\) \['up.bias'\] hold NaN or infinite values .* nothing was written"):
+        save_adapter(module, tmp_path / "diverged.safetensors")
+    assert os.listdir(tmp_path) == []
 
 
 def test_metadata_without_config_is_a_clear_error(good_file):

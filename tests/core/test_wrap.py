@@ -172,7 +172,19 @@ WRAP_ERRORS = {
                                     TypeError, "already an AdaptedCLIP"),
     "shared base, other freezing": (lambda: _wrap_held_base(freeze_backbone=False), ValueError,
                                     "already wrapped with freeze_backbone=True; wrappers sharing a base"),
+    "negative logit_scale": (lambda: wrap(tm.GenericDualEncoder(), dim=24, logit_scale=-100.0), ValueError,
+                             r"logit_scale must be a finite number > 0 .* got -100.0"),
+    "NaN logit_scale": (lambda: wrap(tm.GenericDualEncoder(), dim=24, logit_scale=float("nan")), ValueError,
+                        r"logit_scale must be a finite number > 0 .* got nan"),
+    "the model's scale overflows": (lambda: wrap(_with_log_scale(tm.open_clip_model(), 1e4)), ValueError,
+                                    r"logit_scale must be a finite number > 0 .* got inf"),
 }
+
+
+def _with_log_scale(model: nn.Module, value: float) -> nn.Module:
+    with torch.no_grad():
+        model.logit_scale.fill_(value)
+    return model
 
 
 @pytest.mark.parametrize("case", list(WRAP_ERRORS))
@@ -649,6 +661,8 @@ SET_CLASSES_ERRORS = {
     "1-D features": (lambda m: m.set_classes(text_features=torch.randn(32)), ValueError,
                      r"must be a \(K, D\) or \(K, T, D\) tensor, got \(32,\)"),
     "NaN features": (lambda m: m.set_classes(text_features=torch.full((2, 32), float("nan"))), ValueError, "NaN"),
+    "an all-zero class": (lambda m: m.set_classes(text_features=torch.cat([torch.randn(1, 32), torch.zeros(1, 32)])),
+                          ValueError, r"all-zero row\(s\) \(e.g. row 1\)"),
     "names without tokenizer": (lambda m: m.set_classes(["cat", "dog"]), ValueError,
                                 "class names need a tokenizer: set_classes\\(names, tokenizer="),
     "single string": (lambda m: m.set_classes("cat", tokenizer=tm.tokenizer()), TypeError,
@@ -880,3 +894,12 @@ def test_adapter_compiles_as_one_graph():
     logits, grads = _logits_and_grads(model, lambda: compiled(features, text, scale))
     torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
     _assert_grads_close(grads, eager_grads)
+
+
+def test_zero_shot_logits_refuse_what_the_adapter_refuses():
+    """The zero-shot path (``disable_adapter``) once gave NaN for an all-zero image row, silently."""
+    model, _ = wrapped("open_clip", k=2)
+    features = torch.randn(3, tm.EMBED_DIM)
+    features[2] = 0
+    with model.disable_adapter(), pytest.raises(ValueError, match=r"image_features has 1 all-zero row\(s\) \(e.g. row 2\)"):
+        model.logits_from_features(features)

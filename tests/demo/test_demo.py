@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -100,6 +101,26 @@ def test_write_task_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     assert (demo.write_task(task, tmp_path) / "world_task.json").is_file()
+
+
+def test_rewriting_a_task_never_leaves_it_missing(tmp_path, monkeypatch):
+    """The new task is swapped in; a crash at the rename once left neither (the old folder was deleted first)."""
+    folder = demo.write_task(tiny_task(), tmp_path)
+    replace = os.replace
+
+    def crash_on_folders(src, dst, *args, **kwargs):
+        if os.path.isdir(src):
+            raise OSError("power cut")
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", crash_on_folders)
+    try:
+        demo.write_task(tiny_task(counts=(4, 2, 2)), tmp_path)
+    except OSError:
+        pass
+    monkeypatch.undo()
+    splits = data.load_data(folder, name=tiny_task().name)  # the old task or the new one, whole
+    assert len(splits.train) in (3 * len(tiny_task().classes), 4 * len(tiny_task().classes))
 
 
 def test_write_task_never_touches_a_foreign_folder(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -341,3 +342,62 @@ def test_processor_outputs_and_bad_devices(model, splits, preprocess):
     assert torch.equal(extract(model, splits, processor).image, extract(model, splits, preprocess).image)
     with pytest.raises(ValueError, match="the model is on cpu but device=meta"):
         extract(model, splits, preprocess, device="meta")
+
+
+# -- never stale, never damaged ----------------------------------------------------------------
+
+
+def _same_size_edit(path: Path) -> None:
+    """Change one pixel of a PNG's bytes without changing its size or modification time."""
+    stat = path.stat()
+    image = np.array(Image.open(path))
+    image[18, 20] = 255 - image[18, 20]  # the centre: never cropped away by the preprocessing
+    Image.fromarray(image).save(path)
+    assert path.stat().st_size == stat.st_size, "the edit changed the size; pick another pixel"
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_same_size_edit_with_its_mtime_restored_is_noticed(model, splits, preprocess, tmp_path, caplog):
+    """The fingerprint once held each image's size and mtime only, and reused the stale features."""
+    path = tmp_path / "train.safetensors"
+    old = extract(model, splits, preprocess, cache_path=path)
+    _same_size_edit(splits.path(splits.train[0]))
+    with caplog.at_level(logging.WARNING, logger="rada_mma.fewshot.cache"):
+        new = extract(model, splits, preprocess, cache_path=path)
+    assert "is stale (data changed" in caplog.text
+    assert not torch.equal(new.image[0], old.image[0]) and torch.equal(new.image[1:], old.image[1:])
+    # "stat" is the cheap opt-out, blind to exactly this edit
+    stat_path = tmp_path / "stat.safetensors"
+    stale = extract(model, splits, preprocess, cache_path=stat_path, data_hash="stat")
+    _same_size_edit(splits.path(splits.train[0]))
+    assert torch.equal(extract(model, splits, preprocess, cache_path=stat_path, data_hash="stat").image, stale.image)
+
+
+def _flip_a_feature_byte(path: Path) -> None:
+    blob = bytearray(path.read_bytes())
+    header = int.from_bytes(blob[:8], "little")
+    blob[8 + header + 5] ^= 0x40  # inside the first tensor's data: the file stays a valid safetensors file
+    path.write_bytes(bytes(blob))
+
+
+def test_altered_cache_bytes_are_detected(model, splits, preprocess, tmp_path, caplog):
+    """A flipped bit in a cache file's tensors was once used undetected."""
+    path = tmp_path / "train.safetensors"
+    built = extract(model, splits, preprocess, cache_path=path)
+    _flip_a_feature_byte(path)
+    with pytest.raises(ValueError, match="is damaged: its tensors do not match the checksum"):
+        load_features(path)
+    with caplog.at_level(logging.WARNING, logger="rada_mma.fewshot.cache"):
+        again = extract(model, splits, preprocess, cache_path=path)
+    assert "is damaged" in caplog.text and "rebuilding it" in caplog.text
+    assert torch.equal(again.image, built.image) and torch.equal(load_features(path).image, built.image)
+
+
+def test_altered_text_cache_bytes_are_detected(model, tmp_path, caplog):
+    path = tmp_path / "text.safetensors"
+    tok = tiny_models.tokenizer()
+    text = encode_class_texts(model, ["cat", "dog"], ["a {}."], tokenizer=tok, cache_path=path)
+    _flip_a_feature_byte(path)
+    with caplog.at_level(logging.WARNING, logger="rada_mma.fewshot.cache"):
+        again = encode_class_texts(model, ["cat", "dog"], ["a {}."], tokenizer=tok, cache_path=path)
+    assert "is damaged" in caplog.text and torch.equal(again, text)

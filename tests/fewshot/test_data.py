@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -288,6 +289,10 @@ def test_split_file_naming_missing_images(tmp_path):
         (lambda r: r.update(extra=[]), "unexpected entries"),
         (lambda r: r.pop("test"), "not a CoOp split file"),
         (lambda r: [x.__setitem__(1, 2) for s in r.values() for x in s if x[1] == 1], r"no item has label\(s\) \[1\]"),
+        # once read from wherever they pointed
+        (lambda r: r["train"][0].__setitem__(0, "../../outside.png"), r"train\[0\] has path '../../outside.png', which leaves"),
+        (lambda r: r["test"][1].__setitem__(0, "/etc/hostname"), r"test\[1\] has path '/etc/hostname', which leaves"),
+        (lambda r: r["val"][0].__setitem__(0, "sub/../../x.png"), r"val\[0\] has path .* which leaves the image folder"),
     ],
 )
 def test_split_file_inconsistencies(tmp_path, edit, message):
@@ -368,6 +373,34 @@ def test_image_dataset_gives_transformed_images_and_labels(tmp_path, folder):
     assert len(dataset) == 2 and dataset[1][1] == 1
 
 
+def test_a_link_loop_in_a_class_folder_is_refused(folder, tmp_path):
+    """Once 8 images became 1,288 items, other classes' images among them under this class's label."""
+    (folder / "train" / "cat" / "loop").symlink_to(folder / "train", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"cat/loop links to .*/train, a folder that contains it: a loop"):
+        load_data(folder)
+    (folder / "train" / "cat" / "loop").unlink()
+    (folder / "train" / "cat" / "self").symlink_to(folder / "train" / "cat", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"cat/self links to .*/cat, a folder that contains it"):
+        load_data(folder)
+
+
+def test_linked_folders_are_followed_and_counted_once(folder, tmp_path):
+    more = image_folder(tmp_path / "more", {"cat": 2}, splits=("train",)) / "train" / "cat"
+    (folder / "train" / "cat" / "more").symlink_to(more, target_is_directory=True)
+    (folder / "train" / "cat" / "again").symlink_to(more, target_is_directory=True)
+    cats = [i for i in load_data(folder).train if i.classname == "cat"]
+    assert len(cats) == CLASSES["cat"] + 2
+
+
+def test_a_truncated_image_names_its_file(folder):
+    """PIL's "image file is truncated" once named no file."""
+    splits = load_data(folder)
+    path = folder / splits.train[0].source
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a readable image \(.*truncated.*\); replace"):
+        splits.load_image(splits.train[0])
+
+
 def test_missing_image_says_so(folder):
     splits = load_data(folder)
     (folder / splits.train[0].source).unlink()
@@ -422,10 +455,12 @@ def test_few_shot_is_deterministic_per_seed():
     assert len(draws) == 3
 
 
-def test_few_shot_all_when_shots_not_positive():
+def test_few_shot_all_when_shots_is_zero_and_never_when_negative():
+    """``shots=-3`` once meant "all images" too: a sign typo trained on the whole training split."""
     splits = big_splits()
-    for shots in (0, -1):
-        assert few_shot(splits, shots, seed=1).train == splits.train
+    assert few_shot(splits, 0, seed=1).train == splits.train
+    with pytest.raises(ValueError, match=r"shots must be >= 0 \(0 keeps every training image\), got -3"):
+        few_shot(splits, -3, seed=1)
 
 
 def test_few_shot_val_from_unused_training_items(caplog):

@@ -106,6 +106,39 @@ def test_preset_errors():
             preset("mma", **bad)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(lr=NAN), ValueError, "lr must be a finite number, got nan"),
+    (dict(lr=INF), ValueError, "lr must be a finite number, got inf"),
+    (dict(weight_decay=NAN), ValueError, "weight_decay must be a finite number"),
+    (dict(warmup_lr=-1e-5), ValueError, "warmup_lr must be >= 0"),
+    (dict(momentum=-0.9), ValueError, "momentum must be >= 0"),
+    (dict(epochs=2.5), TypeError, r"epochs must be an integer, got 2.5"),
+    (dict(batch_size=True), TypeError, r"batch_size must be an integer, got True \(bool\)"),
+    (dict(lr="1e-3"), TypeError, r"lr must be a number, got '1e-3'"),
+    (dict(amp="yes"), TypeError, r"amp must be True or False"),
+    (dict(seed=2**70), ValueError, r"seed must lie in \[0, 2\*\*63\)"),
+    (dict(seed=-1), ValueError, r"seed must lie in"),
+])
+def test_every_training_option_is_checked(bad, error, match):
+    """Once NaN passed ``lr <= 0`` and a string met a comparison ("'<=' not supported")."""
+    with pytest.raises(error, match=match):
+        preset("rada", **bad)
+
+
+def test_training_stops_at_the_first_non_finite_loss(tmp_path):
+    """Once the run ended "successfully" with NaN weights and a 50% accuracy."""
+    config = small("mma", lr=1e30, epochs=3, patience=0)
+    with pytest.raises(train.TrainingDiverged, match=r"the loss is nan at epoch 1 of 3, step 2 of 3 \(lr 1e\+30\)\. "
+                                                     r"No adapter is written\. Likely causes: a learning rate too high"):
+        run("mma", config, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / CHECKPOINT).exists()  # nothing of the diverged epoch is kept
+    with pytest.raises(train.TrainingDiverged, match=r"epoch 2 of 3, step 3 of 3 .* keeps the last finite epoch"):
+        run("rada", small("rada", lr=1e30, epochs=3), out_dir=tmp_path / "rada")
+
+
 # -- learning rate -----------------------------------------------------------------------------
 
 
