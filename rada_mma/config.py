@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METHODS", "AdapterConfig", "option_names"]
+__all__ = ["ADAPTER_INITS", "METHODS", "AdapterConfig", "option_names"]
 
 # Presets: "rada" (RationalMask), "rada+adapter" (RAda with residual adapters,
 # the paper's best base-to-new variant), "mma" (MMA as in the paper),
@@ -19,6 +19,12 @@ _MMA_FAMILY = ("mma", "mma-master", "mma+rada")
 _VARIANTS = {"paper": "mma", "master": "mma-master"}
 _SOFTMAXES = ("flat", "row")
 _REGULARIZERS = ("linf", "mse", "l1")
+# RAda+Adapter's adapters: "small" (residual, W2 drawn small and non-zero: starts at
+# zero-shot and trains), "released" (residual, W2 = 0: they never move), "blend"
+# (CLIP-Adapter's learnable blend, the authors' adapter_mask form). "small" is the
+# default: on the demo world it beat the blend on every seed (docs/methods.md section 4.3).
+ADAPTER_INITS = ("small", "released", "blend")
+DEFAULT_ADAPTER_INIT = "small"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class AdapterConfig:
     regularizer: str = "linf"  # reg(M, 1) added to the loss: "linf", "mse" or "l1"
     alpha: float = 0.0  # weight of the regulariser (0 as released)
     reduction: int = 4  # residual adapters' bottleneck is D / reduction ("rada+adapter")
+    adapter_init: str = DEFAULT_ADAPTER_INIT  # "rada+adapter": "small", "released" or "blend" (ADAPTER_INITS)
     # MMA family
     bottleneck: int = 0  # MMA's down-sampled width d; 0 means D / 4 (stored resolved)
     mma_heads: int = 4  # heads of MMA's attention over the bottleneck
@@ -123,6 +130,11 @@ class AdapterConfig:
                 raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         if self.method == "rada+adapter":
             _divides(self.reduction, self.dim, "reduction", "the embedding width")
+            if self.adapter_init not in ADAPTER_INITS:
+                raise ValueError(
+                    f"adapter_init must be one of {ADAPTER_INITS} ('released': the authors' W2 = 0 residual "
+                    f"adapters, which never train), got {self.adapter_init!r}"
+                )
         if self.method in _MMA_FAMILY:
             if self.bottleneck < 0:
                 raise ValueError(f"bottleneck must be > 0 (or 0 for dim / 4), got {self.bottleneck}")
@@ -162,6 +174,9 @@ class AdapterConfig:
     @classmethod
     def from_json(cls, text: str) -> AdapterConfig:
         data = json.loads(text)
+        if data.get("method") == "rada+adapter":
+            # written before adapter_init existed, when the released form was the only one
+            data.setdefault("adapter_init", "released")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields)
         if unknown:
@@ -178,7 +193,7 @@ def option_names(method: str) -> tuple[str, ...]:
     if method in _RADA_FAMILY:
         names += ["heads", "temperature", "softmax", "regularizer", "alpha"]
     if method == "rada+adapter":
-        names.append("reduction")
+        names += ["reduction", "adapter_init"]
     if method in _MMA_FAMILY:
         names += ["bottleneck", "mma_heads", "blend"]
     if method == "mma-master":

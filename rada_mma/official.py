@@ -50,12 +50,19 @@ _MMA_MASTER = {
 }
 
 
-def _official_names(method: str) -> dict[str, str]:
+# the blend's mixing weights, top-level parameters of the authors' CustomCLIP (adapter_mask.py, and
+# commented out in rada.py)
+_RADA_BLEND = {"image_adapter.ratio": "alpha", "text_adapter.ratio": "beta"}
+
+
+def _official_names(method: str, adapter_init: str = "released") -> dict[str, str]:
     """Our state-dict name -> official name, for everything but RAda's stacked projections."""
     if method in ("rada", "rada+adapter"):
         names = {f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in _RADA_LINEAR.items() for p in ("weight", "bias")}
         if method == "rada+adapter":
             names.update(_RADA_ADAPTERS)
+            if adapter_init == "blend":
+                names.update(_RADA_BLEND)
         return names
     return {**_MMA_COMMON, **(_MMA_PAPER if method == "mma" else _MMA_MASTER)}
 
@@ -83,10 +90,13 @@ class _Finder:
         self.state = state
         self.used: set[str] = set()
 
+    def has(self, name: str) -> bool:
+        return any(k == name or k.endswith("." + name) for k in self.state)
+
     def __call__(self, name: str) -> Tensor:
         hits = [k for k in self.state if k == name or k.endswith("." + name)]
-        outer, short = name.split(".", 1)
-        if not hits and outer in ("mha", "adapter"):
+        outer, _, short = name.partition(".")
+        if not hits and short and outer in ("mha", "adapter"):
             # the attention block saved on its own: "mha.q_proj1.weight" as "q_proj1.weight". Never
             # for the residual adapters, whose short names ("fc.0.weight") are the same on both sides.
             hits = [k for k in self.state if k == short or k.endswith("." + short)]
@@ -112,7 +122,9 @@ def from_official(method: str, state_dict: Any, *, strict: bool = True, **option
         strict: raise if the state dict holds tensors the method does not use.
         **options: settings the tensors cannot tell: ``temperature``, ``heads``,
             ``softmax``, ``regularizer``, ``alpha`` (RAda family); ``heads``,
-            ``blend`` (MMA). Sizes are read from the tensors.
+            ``blend`` (MMA). Sizes are read from the tensors, and so is RAda+Adapter's
+            form: the blend's ``alpha``/``beta`` present give ``adapter_init="blend"``,
+            otherwise the released residual adapters (``"released"``).
 
     Example:
         >>> module = from_official("rada", torch.load("rada.pth")["state_dict"], temperature=0.5)
@@ -133,6 +145,9 @@ def from_official(method: str, state_dict: Any, *, strict: bool = True, **option
         sizes: dict[str, Any] = {}
         if method == "rada+adapter":
             sizes["reduction"] = dim // find("adapter_image.fc.0.weight").shape[0]
+            # the blend's weights name the form; without them the adapters are the released residual ones
+            if "adapter_init" not in options:
+                sizes["adapter_init"] = "blend" if find.has("alpha") else "released"
     else:
         in_proj = find("adapter.mha.in_proj_weight")
         if method == "mma":
@@ -144,7 +159,8 @@ def from_official(method: str, state_dict: Any, *, strict: bool = True, **option
         dim = down.shape[1]
     config = AdapterConfig.for_method(method, dim, **sizes, **options)
     module = build_adapter(config)
-    ours: dict[str, Tensor] = {k: find(v) for k, v in _official_names(method).items()}
+    names = _official_names(method, config.adapter_init)
+    ours: dict[str, Tensor] = {k: find(v) for k, v in names.items()}
     if method in ("rada", "rada+adapter"):
         ours["to_qkv_rational.weight"] = torch.cat([w for w, _ in stacked])
         ours["to_qkv_rational.bias"] = torch.cat([b for _, b in stacked])
@@ -158,7 +174,7 @@ def from_official(method: str, state_dict: Any, *, strict: bool = True, **option
     for name, value in ours.items():
         if value.shape != expected[name].shape:
             raise ValueError(
-                f"{name} (official {_official_names(method).get(name, 'q_proj3/k_proj/v_proj')}) has shape "
+                f"{name} (official {names.get(name, 'q_proj3/k_proj/v_proj')}) has shape "
                 f"{tuple(value.shape)}, expected {tuple(expected[name].shape)} for {config}"
             )
     module.load_state_dict(ours, strict=True)
@@ -173,7 +189,7 @@ def to_official(method: str, module: RationalMask | MultiModalAdapter) -> dict[s
         found = getattr(getattr(module, "config", None), "method", type(module).__name__)
         raise ValueError(f"module is {found!r}, not {method!r}")
     state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
-    out = {theirs: state[ours] for ours, theirs in _official_names(method).items()}
+    out = {theirs: state[ours] for ours, theirs in _official_names(method, module.config.adapter_init).items()}
     if method in ("rada", "rada+adapter"):
         for name, w, b in zip(
             _RADA_STACKED,
