@@ -168,7 +168,8 @@ def fingerprint_parts(
         "weights": weights_digest(base),
         "preprocessing": _sha(_describe(transform)),
         "data": _data_digest(splits, items),
-        "views": f"{views}" if views == 0 else f"{views}/seed={seed}/{_sha(_describe(augment))}",
+        # spelled out, so that a cache file says which views it holds: count, seed, every transform's parameters
+        "views": f"{views}" if views == 0 else f"{views}/seed={seed}/{' '.join(_describe(augment).split())}",
         "precision": "bf16-autocast" if autocast else "fp32",
         "extra": _sha(extra or {}),
     }

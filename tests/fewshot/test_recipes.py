@@ -10,6 +10,7 @@ per image and epoch, and MMA's class-first stratified draw, item by item.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import numpy as np
@@ -17,6 +18,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchvision import transforms as T
 
@@ -200,7 +202,12 @@ def test_the_views_are_seeded_by_the_run(toy, tmp_path):
 
     first = views(1, "a")
     assert torch.equal(views(1, "b"), first) and not torch.allclose(views(2, "c"), first)
-    assert (tmp_path / "a" / "cache" / "t-train-v2-rrc0.08-bicubic.safetensors").is_file()
+    path = tmp_path / "a" / "cache" / "t-train-v2-rrc0.08-bicubic.safetensors"
+    with safe_open(str(path), "pt") as fh:  # the file's fingerprint names the views it holds
+        named = json.loads(fh.metadata()["parts"])["views"]
+    for part in ("2/seed=1/", "RandomResizedCrop(size=(32, 32), scale=(0.08, 1.0)", "interpolation=bicubic",
+                 "RandomHorizontalFlip(p=0.5)"):
+        assert part in named, named
 
 
 # -- the prompt ----------------------------------------------------------------------------------
