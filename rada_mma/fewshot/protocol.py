@@ -43,6 +43,7 @@ __all__ = [
     "FeatureStore",
     "RunSpec",
     "adapter_templates",
+    "base_classes",
     "extract",
     "run_base_to_new",
     "run_grid",
