@@ -28,7 +28,7 @@ from .fewshot import distributed
 from .fewshot.cache import DATA_HASHES
 from .fewshot.evaluation import markdown_table
 from .fewshot.models import RANDOM_WEIGHTS
-from .fewshot.protocol import RunSpec, extract, run_base_to_new, run_grid
+from .fewshot.protocol import DRAWS, RunSpec, extract, run_base_to_new, run_grid
 from .fewshot.train import CHOICES, TrainConfig
 
 log = logging.getLogger("rada_mma")
@@ -67,10 +67,12 @@ def _add_data(p: argparse.ArgumentParser, *, many: bool = False, required: bool 
     g.add_argument("--template", action="append", default=None,
                    help="prompt template with {}; repeat for an ensemble (default: the dataset's)")
     g.add_argument("--shots", type=int, default=16, help="training images per class; 0: all (default 16)")
-    g.add_argument("--rounding", choices=("ceil", "floor"), default="ceil",
-                   help="base classes: the first ceil(C/2) (CoOp, default) or floor(C/2) (MMA)")
-    g.add_argument("--views", type=int, default=0,
-                   help="augmented views per training image in the cache (default 0: no augmentation)")
+    g.add_argument("--draw", choices=DRAWS, default="coop",
+                   help="few-shot draw: coop (Dassl's: K per class, then the base half; default) or mma (MMA's: the "
+                        "base half, then a stratified draw of K x C training and K x C validation images from the "
+                        "training split; --seed 42 is MMA's own draw)")
+    g.add_argument("--rounding", choices=("ceil", "floor"), default=None,
+                   help="base classes: the first ceil(C/2) (CoOp) or floor(C/2) (MMA) (default: the draw's own)")
     g.add_argument("--cache-dir", default=None, help="feature cache folder (default OUT/cache)")
     g.add_argument("--data-hash", choices=DATA_HASHES, default="content",
                    help="how image files enter the cache's fingerprint: every byte (default; an edited image is "
@@ -102,10 +104,25 @@ def _add_training(p: argparse.ArgumentParser) -> None:
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type == "bool":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif f.metadata.get("parse") is not None:
+            g.add_argument(flag, type=_flag_type(f.metadata["parse"]), default=None, help=help)
         elif f.name in CHOICES:
             g.add_argument(flag, choices=CHOICES[f.name], default=None, help=help)
         else:
             g.add_argument(flag, type={"int": int, "float": float}[f.type], default=None, help=help)
+
+
+def _flag_type(parse: Any) -> Any:
+    """``parse`` as an argparse type: its ValueError becomes argparse's own usage error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def _add_out(p: argparse.ArgumentParser, *, default: str | None = None, help: str = "run folder") -> None:
@@ -140,7 +157,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         data=data, out=args.out, method=getattr(args, "method", "rada"), seed=getattr(args, "seed", 1),
         shots=args.shots, model=args.model, pretrained=args.pretrained, model_config=args.model_config,
         split_file=args.split_file, dataset=args.dataset, templates=tuple(args.template) if args.template else None,
-        views=args.views, rounding=args.rounding, cache_dir=args.cache_dir, data_hash=args.data_hash,
+        draw=args.draw, rounding=args.rounding, cache_dir=args.cache_dir, data_hash=args.data_hash,
         extract_batch_size=args.extract_batch_size, device=args.device, options=_adapter_options(args),
         train=_train_overrides(args), adapter=getattr(args, "adapter", None), progress=getattr(args, "progress", True),
     )
@@ -177,7 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     rows = run_grid(spec_from_args(args), datasets, methods=args.methods, seeds=args.seeds, out=args.out)
     if distributed.is_main():
         out = Path(args.out)
-        print(markdown_table(rows))
+        print(markdown_table(rows, runs=False))
         print(f"results of {len(rows)} runs in {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'}")
 
 
@@ -196,7 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         rows = run_demo(spec.replace(progress=False), out=args.out, methods=args.methods, seeds=args.seeds,
                         tasks=args.tasks, world_dir=args.world_dir, on_run=on_run)
     print()
-    print(markdown_table(rows, published=False))
+    print(markdown_table(rows, published=False, runs=False))
     changes = ", ".join(f"{m} {b:+.1f} / {h:+.1f}" for (_, m), (b, h) in gains(rows).items())
     print(f"Change over zero-shot (base / HM points, mean over seeds {', '.join(map(str, args.seeds))}): {changes}")
     print()
@@ -224,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="encode a dataset's images and class texts once, into the feature cache")
     _add_model(p, default_help=need)
     _add_data(p)
-    p.add_argument("--seed", type=int, default=1, help="seed of the few-shot draw whose images are encoded (default 1)")
+    p.add_argument("--method", default="rada", choices=METHODS,
+                   help="the method whose preset says which prompts and augmented views fit will read (default rada)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the few-shot draw and the augmented views whose images are encoded (default 1)")
+    _add_training(p)
     _add_out(p, help="run folder (the few-shot draw goes to OUT/split, the cache to OUT/cache unless --cache-dir)")
     p.set_defaults(func=cmd_extract)
 

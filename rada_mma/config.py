@@ -9,7 +9,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_WIDTH", "METHODS", "AdapterConfig", "check_field_types", "option_names"]
+__all__ = ["ADAPTER_INITS", "MAX_WIDTH", "METHODS", "AdapterConfig", "check_field_types", "option_names"]
 
 # Presets: "rada" (RationalMask), "rada+adapter" (RAda with residual adapters,
 # the paper's best base-to-new variant), "mma" (MMA as in the paper),
@@ -24,6 +24,12 @@ _REGULARIZERS = ("linf", "mse", "l1")
 # The widest embedding any adapter is built for: bounds what a config (or a crafted file) can make allocate.
 # CLIP widths are 512-1280; 65536 leaves room and keeps every parameter count far from an overflow.
 MAX_WIDTH = 1 << 16
+# RAda+Adapter's adapters: "small" (residual, W2 drawn small and non-zero: starts at
+# zero-shot and trains), "released" (residual, W2 = 0: they never move), "blend"
+# (CLIP-Adapter's learnable blend, the authors' adapter_mask form). "small" is the
+# default: on the demo world it beat the blend on every seed (docs/methods.md section 4.3).
+ADAPTER_INITS = ("small", "released", "blend")
+DEFAULT_ADAPTER_INIT = "small"
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class AdapterConfig:
     regularizer: str = "linf"  # reg(M, 1) added to the loss: "linf", "mse" or "l1"
     alpha: float = 0.0  # weight of the regulariser (0 as released)
     reduction: int = 4  # residual adapters' bottleneck is D / reduction ("rada+adapter")
+    adapter_init: str = DEFAULT_ADAPTER_INIT  # "rada+adapter": "small", "released" or "blend" (ADAPTER_INITS)
     # MMA family
     bottleneck: int = 0  # MMA's down-sampled width d; 0 means D / 4 (stored resolved)
     mma_heads: int = 4  # heads of MMA's attention over the bottleneck
@@ -131,6 +138,11 @@ class AdapterConfig:
                 raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha}")
         if self.method == "rada+adapter":
             _divides(self.reduction, self.dim, "reduction", "the embedding width")
+            if self.adapter_init not in ADAPTER_INITS:
+                raise ValueError(
+                    f"adapter_init must be one of {ADAPTER_INITS} ('released': the authors' W2 = 0 residual "
+                    f"adapters, which never train), got {self.adapter_init!r}"
+                )
         if self.method in _MMA_FAMILY:
             if not 0 <= self.bottleneck <= MAX_WIDTH:
                 raise ValueError(
@@ -179,6 +191,9 @@ class AdapterConfig:
     @classmethod
     def from_json(cls, text: str) -> AdapterConfig:
         data = json.loads(text)
+        if data.get("method") == "rada+adapter":
+            # written before adapter_init existed, when the released form was the only one
+            data.setdefault("adapter_init", "released")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - fields)
         if unknown:
@@ -195,7 +210,7 @@ def option_names(method: str) -> tuple[str, ...]:
     if method in _RADA_FAMILY:
         names += ["heads", "temperature", "softmax", "regularizer", "alpha"]
     if method == "rada+adapter":
-        names.append("reduction")
+        names += ["reduction", "adapter_init"]
     if method in _MMA_FAMILY:
         names += ["bottleneck", "mma_heads", "blend"]
     if method == "mma-master":

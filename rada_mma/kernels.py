@@ -26,6 +26,8 @@ from einops import rearrange
 from torch import Tensor
 
 __all__ = [
+    "blend_adapter",
+    "clip_adapter",
     "flat_attention",
     "mma_adapted_text",
     "mma_image_attention",
@@ -385,9 +387,20 @@ def regularizer(mask: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown regularizer {kind!r}; expected 'linf', 'mse' or 'l1'")
 
 
+def clip_adapter(x: Tensor, w_down: Tensor, w_up: Tensor) -> Tensor:
+    """CLIP-Adapter's bottleneck ``A(x) = ReLU(W_2 ReLU(W_1 x))``, no biases: ``(..., d) -> (..., d)``."""
+    return F.relu(F.linear(F.relu(F.linear(x, w_down)), w_up)).to(x.dtype)
+
+
 def residual_adapter(x: Tensor, w_down: Tensor, w_up: Tensor) -> Tensor:
-    """CLIP-Adapter's residual form used by RAda+Adapter: ``x + ReLU(W_2 ReLU(W_1 x))``."""
-    return x + F.relu(F.linear(F.relu(F.linear(x, w_down)), w_up)).to(x.dtype)
+    """RAda+Adapter as released: ``x + A(x)`` (:func:`clip_adapter`)."""
+    return x + clip_adapter(x, w_down, w_up)
+
+
+def blend_adapter(x: Tensor, w_down: Tensor, w_up: Tensor, ratio: Tensor) -> Tensor:
+    """CLIP-Adapter's blend: ``ratio · A(x) + (1 − ratio) · x`` with a scalar ``ratio`` (:func:`clip_adapter`)."""
+    ratio = ratio.to(x.dtype)
+    return ratio * clip_adapter(x, w_down, w_up) + (1 - ratio) * x
 
 
 # ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .config import AdapterConfig
+from .config import ADAPTER_INITS, AdapterConfig
 
 __all__ = [
     "MMARationalMask",
@@ -28,6 +28,13 @@ __all__ = [
     "build_adapter",
     "classification_loss",
 ]
+
+
+# "small" adapters draw W_2 at this fraction of nn.Linear's default bound: close enough to the
+# identity that training starts at zero-shot CLIP, far enough from 0 that the outer ReLU passes gradient
+SMALL_INIT = 1e-2
+# the authors' blend starts (eft/trainers/adapter_mask.py): images 0.2, texts 0
+BLEND_RATIOS = {"image": 0.2, "text": 0.0}
 
 
 def _uniform_linear(layer: nn.Linear, generator: torch.Generator | None) -> None:
@@ -274,29 +281,72 @@ def check_labels(labels: Tensor, logits: Tensor) -> None:
 
 
 class ResidualAdapter(nn.Module):
-    """CLIP-Adapter's bottleneck in residual form: ``x + ReLU(W_2 ReLU(W_1 x))``.
+    """CLIP-Adapter's bottleneck ``A(x) = ReLU(W_2 ReLU(W_1 x))`` on a feature, in one of three forms.
 
-    ``W_1: D → D / reduction`` and ``W_2: D / reduction → D``, no biases;
-    ``W_2`` starts at zero so the adapter starts as the identity.
+    ``W_1: D → D / reduction`` and ``W_2: D / reduction → D``, no biases, ``W_1``
+    at ``nn.Linear``'s default initialisation. The forms (``init``):
+
+    - ``"released"``: ``x + A(x)`` with ``W_2 = 0``, as RAda+Adapter was released. The
+      outer ReLU then sees exactly 0, whose gradient is 0: the adapter never leaves
+      the identity (kept for parity and for the authors' checkpoints).
+    - ``"small"``: ``x + A(x)`` with ``W_2`` drawn at ``SMALL_INIT`` times ``nn.Linear``'s
+      bound: starts within a hair of the identity, and trains.
+    - ``"blend"``: ``r · A(x) + (1 − r) · x`` with a learnable scalar ``r`` starting at
+      ``ratio`` and ``W_2`` at ``nn.Linear``'s default, the CLIP-Adapter blend of the
+      authors' ``adapter_mask`` trainer (there ``r`` is 0.2 on images, 0 on texts).
+
+    Args:
+        dim: the feature width D.
+        reduction: the bottleneck is ``D / reduction``.
+        init: ``"released"``, ``"small"`` or ``"blend"``.
+        ratio: the blend's starting ``r`` (``"blend"`` only).
+        generator: draws the initial weights.
+
+    Example:
+        >>> adapter = ResidualAdapter(dim=512, init="blend", ratio=0.2)
+        >>> adapter(torch.randn(4, 512)).shape
+        torch.Size([4, 512])
     """
 
-    def __init__(self, *, dim: int, reduction: int = 4, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        reduction: int = 4,
+        init: str = "released",
+        ratio: float = 0.2,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
-        self.dim, self.reduction = dim, reduction
+        if init not in ADAPTER_INITS:
+            raise ValueError(f"init must be one of {ADAPTER_INITS}, got {init!r}")
+        self.dim, self.reduction, self.init, self.start_ratio = dim, reduction, init, float(ratio)
         self.down = nn.Linear(dim, dim // reduction, bias=False)
         self.up = nn.Linear(dim // reduction, dim, bias=False)
+        # the blend's mixing weight: a 0-d parameter, as the authors' nn.Parameter(torch.tensor(0.2))
+        self.ratio = nn.Parameter(torch.empty(())) if init == "blend" else None
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         bound = 1.0 / math.sqrt(self.dim)
         nn.init.uniform_(self.down.weight, -bound, bound, generator=generator)
-        nn.init.zeros_(self.up.weight)
+        up_bound = 1.0 / math.sqrt(self.dim // self.reduction)  # nn.Linear's own, for the up map's width
+        if self.init == "released":
+            nn.init.zeros_(self.up.weight)
+        else:
+            scale = SMALL_INIT if self.init == "small" else 1.0
+            nn.init.uniform_(self.up.weight, -scale * up_bound, scale * up_bound, generator=generator)
+        if self.ratio is not None:
+            nn.init.constant_(self.ratio, self.start_ratio)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.ratio is not None:
+            return kernels.blend_adapter(x, self.down.weight, self.up.weight, self.ratio)
         return kernels.residual_adapter(x, self.down.weight, self.up.weight)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, reduction={self.reduction}"
+        blend = f", ratio={self.start_ratio}" if self.ratio is not None else ""
+        return f"dim={self.dim}, reduction={self.reduction}, init={self.init!r}{blend}"
 
 
 class RationalMask(_Adapter):
@@ -315,8 +365,9 @@ class RationalMask(_Adapter):
         config: the whole configuration; or, instead, keyword options:
             ``dim`` (required), ``heads``, ``temperature``, ``softmax``
             (``"flat"`` as released, or ``"row"``), ``regularizer``, ``alpha``,
-            and ``adapter_reduction=r`` for residual adapters ``D → D/r → D``
-            on both features (the ``"rada+adapter"`` method).
+            and ``adapter_reduction=r`` for CLIP-Adapter bottlenecks ``D → D/r → D``
+            on both features (the ``"rada+adapter"`` method; ``adapter_init``
+            picks their form, see :class:`ResidualAdapter`).
         chunk_elements: block size of the portable attention kernel (memory, not results).
         generator: draws the initial weights.
 
@@ -346,8 +397,11 @@ class RationalMask(_Adapter):
         if self.config.method == "rada":
             self.image_adapter = self.text_adapter = None
         else:
-            self.image_adapter = ResidualAdapter(dim=dim, reduction=self.config.reduction)
-            self.text_adapter = ResidualAdapter(dim=dim, reduction=self.config.reduction)
+            c = self.config
+            self.image_adapter, self.text_adapter = (
+                ResidualAdapter(dim=dim, reduction=c.reduction, init=c.adapter_init, ratio=BLEND_RATIOS[side])
+                for side in ("image", "text")
+            )
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

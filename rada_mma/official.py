@@ -51,12 +51,19 @@ _MMA_MASTER = {
 }
 
 
-def _official_names(method: str) -> dict[str, str]:
+# the blend's mixing weights, top-level parameters of the authors' CustomCLIP (adapter_mask.py, and
+# commented out in rada.py)
+_RADA_BLEND = {"image_adapter.ratio": "alpha", "text_adapter.ratio": "beta"}
+
+
+def _official_names(method: str, adapter_init: str = "released") -> dict[str, str]:
     """Our state-dict name -> official name, for everything but RAda's stacked projections."""
     if method in ("rada", "rada+adapter"):
         names = {f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in _RADA_LINEAR.items() for p in ("weight", "bias")}
         if method == "rada+adapter":
             names.update(_RADA_ADAPTERS)
+            if adapter_init == "blend":
+                names.update(_RADA_BLEND)
         return names
     return {**_MMA_COMMON, **(_MMA_PAPER if method == "mma" else _MMA_MASTER)}
 
@@ -92,10 +99,13 @@ class _Finder:
         self.state = state
         self.used: set[str] = set()
 
+    def has(self, name: str) -> bool:
+        return any(k == name or k.endswith("." + name) for k in self.state)
+
     def __call__(self, name: str) -> Tensor:
         hits = [k for k in self.state if k == name or k.endswith("." + name)]
-        outer, short = name.split(".", 1)
-        if not hits and outer in ("mha", "adapter"):
+        outer, _, short = name.partition(".")
+        if not hits and short and outer in ("mha", "adapter"):
             # the attention block saved on its own: "mha.q_proj1.weight" as "q_proj1.weight". Never
             # for the residual adapters, whose short names ("fc.0.weight") are the same on both sides.
             hits = [k for k in self.state if k == short or k.endswith("." + short)]
@@ -107,7 +117,7 @@ class _Finder:
         value = self.state[hits[0]]
         if not isinstance(value, Tensor):
             raise TypeError(f"{hits[0]!r} is a {type(value).__name__}, not a tensor")
-        ndim = 1 if name.endswith("bias") else 2
+        ndim = 1 if name.endswith("bias") else 2 if name.endswith("weight") else value.dim()  # alpha/beta: any
         if value.dim() != ndim:
             raise ValueError(
                 f"{hits[0]!r} has shape {tuple(value.shape)}; a layer's {'bias' if ndim == 1 else 'weight'} is "
@@ -127,7 +137,9 @@ def from_official(method: str, state_dict: Any, *, strict: bool = True, **option
         strict: raise if the state dict holds tensors the method does not use.
         **options: settings the tensors cannot tell: ``temperature``, ``heads``,
             ``softmax``, ``regularizer``, ``alpha`` (RAda family); ``heads``,
-            ``blend`` (MMA). Sizes are read from the tensors.
+            ``blend`` (MMA). Sizes are read from the tensors, and so is RAda+Adapter's
+            form: the blend's ``alpha``/``beta`` present give ``adapter_init="blend"``,
+            otherwise the released residual adapters (``"released"``).
 
     Example:
         >>> module = from_official("rada", torch.load("rada.pth")["state_dict"], temperature=0.5)
@@ -136,7 +148,10 @@ def from_official(method: str, state_dict: Any, *, strict: bool = True, **option
         raise ValueError(f"from_official knows {OFFICIAL_METHODS}, got {method!r} (mma+rada has no released code)")
     state = _load_state(state_dict)
     find = _Finder(state)
-    names = _official_names(method)
+    if method == "rada+adapter" and "adapter_init" not in options:
+        # the blend's weights name the form; without them the adapters are the released residual ones
+        options["adapter_init"] = "blend" if find.has("alpha") else "released"
+    names = _official_names(method, options.get("adapter_init", "released"))
     theirs: dict[str, Tensor] = {official: find(official) for official in names.values()}
     if method in ("rada", "rada+adapter"):
         theirs.update({f"{n}.{p}": find(f"{n}.{p}") for n in _RADA_STACKED for p in ("weight", "bias")})
@@ -211,7 +226,7 @@ def to_official(method: str, module: RationalMask | MultiModalAdapter) -> dict[s
         found = getattr(getattr(module, "config", None), "method", type(module).__name__)
         raise ValueError(f"module is {found!r}, not {method!r}")
     state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
-    out = {theirs: state[ours] for ours, theirs in _official_names(method).items()}
+    out = {theirs: state[ours] for ours, theirs in _official_names(method, module.config.adapter_init).items()}
     if method in ("rada", "rada+adapter"):
         for name, w, b in zip(
             _RADA_STACKED,

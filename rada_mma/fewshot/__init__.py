@@ -4,8 +4,8 @@ Built on the core (:func:`rada_mma.wrap` and the adapter modules), never the
 other way round:
 
 - :mod:`.data`, :mod:`.datasets`: datasets on disk (ImageFolder, CoOp splits,
-  torch datasets), the seeded few-shot draw, base-to-new; the 11 benchmarks'
-  templates and class-name fixes;
+  torch datasets), the seeded few-shot draws (CoOp's, MMA's), base-to-new; the
+  11 benchmarks' templates and class-name fixes;
 - :mod:`.cache`: every image encoded once into a fingerprinted feature cache;
 - :mod:`.train`: :func:`fit` on cached features with each method's preset;
 - :mod:`.evaluation`, :mod:`.plots`: result rows, tables, pictures;
@@ -19,12 +19,12 @@ other way round:
 from __future__ import annotations
 
 from .cache import Features, encode_class_texts, extract_image_features, load_features, save_features
-from .data import ImageDataset, Item, Splits, few_shot, load_data, subsample_classes
+from .data import ImageDataset, Item, Splits, few_shot, load_data, mma_draw, subsample_classes
 from .datasets import DATASETS, clean_classname, find_dataset, templates_for
 from .evaluation import harmonic_mean, markdown_table, read_results, summarize, write_results
 from .models import load_clip
-from .protocol import FeatureStore, RunSpec, extract, run_base_to_new, run_grid
-from .train import PRESETS, FitResult, TrainConfig, accuracy, fit, learning_rate, preset
+from .protocol import FeatureStore, RunSpec, extract, run_base_to_new, run_grid, run_record
+from .train import PRESETS, FitResult, TrainConfig, accuracy, fit, learning_rate, preset, steps_per_epoch
 
 __all__ = [
     "DATASETS",
@@ -51,11 +51,14 @@ __all__ = [
     "load_data",
     "load_features",
     "markdown_table",
+    "mma_draw",
     "preset",
     "read_results",
     "run_base_to_new",
     "run_grid",
+    "run_record",
     "save_features",
+    "steps_per_epoch",
     "subsample_classes",
     "summarize",
     "templates_for",

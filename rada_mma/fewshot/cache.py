@@ -47,6 +47,7 @@ __all__ = [
     "DATA_HASHES",
     "FORMAT_VERSION",
     "Features",
+    "augment_view",
     "data_digest",
     "default_augment",
     "encode_class_texts",
@@ -191,7 +192,8 @@ def fingerprint_parts(
         "weights": weights_digest(base),
         "preprocessing": _sha(_describe(transform)),
         "data": data_digest(splits, items, data_hash),
-        "views": f"{views}" if views == 0 else f"{views}/seed={seed}/{_sha(_describe(augment))}",
+        # spelled out, so that a cache file says which views it holds: count, seed, every transform's parameters
+        "views": f"{views}" if views == 0 else f"{views}/seed={seed}/{' '.join(_describe(augment).split())}",
         "precision": "bf16-autocast" if autocast else "fp32",
         "extra": _sha(extra or {}),
     }
@@ -204,16 +206,25 @@ def _fingerprint(parts: Mapping[str, str]) -> str:
 # -- augmentation ------------------------------------------------------------------------------
 
 
-def default_augment(transform: Any, *, scale: tuple[float, float] = (0.5, 1.0)) -> Any:
-    """The training augmentation of the RAda configs for a model's preprocessing.
+def default_augment(
+    transform: Any, *, scale: tuple[float, float] = (0.08, 1.0), interpolation: str | None = "bicubic"
+) -> Any:
+    """The RAda trainers' training augmentation (Dassl's) for a model's preprocessing.
 
-    The preprocessing's ``Resize`` and ``CenterCrop`` become
-    ``RandomResizedCrop(size, scale)`` (same interpolation) and
-    ``RandomHorizontalFlip()``; its other steps (to tensor, normalise) follow.
+    Dassl builds ``RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=bicubic)``,
+    ``RandomHorizontalFlip()``, ``ToTensor()``, ``Normalize(CLIP's mean, std)`` from the
+    RAda YAML (``random_resized_crop``, ``random_flip``, ``normalize``). Here the
+    preprocessing's ``Resize`` and ``CenterCrop`` become that crop (at the
+    preprocessing's crop size) and flip; its other steps (to tensor, normalise) follow.
 
     Args:
         transform: a torchvision ``Compose`` such as open_clip's ``preprocess``.
         scale: the crop's area range.
+        interpolation: ``"bicubic"``, ``"bilinear"`` or ``"nearest"``; ``None`` keeps the
+            preprocessing's own.
+
+    Example:
+        >>> augment = default_augment(preprocess)   # RandomResizedCrop(224, (0.08, 1.0), bicubic), flip, ...
     """
     from torchvision import transforms as T
 
@@ -222,10 +233,10 @@ def default_augment(transform: Any, *, scale: tuple[float, float] = (0.5, 1.0)) 
             f"cannot derive an augmentation from a {type(transform).__name__}; pass augment=<a transform from a PIL "
             "image to a tensor> (e.g. RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize)"
         )
-    size, interpolation, rest = None, T.InterpolationMode.BICUBIC, []
+    size, own, rest = None, T.InterpolationMode.BICUBIC, []
     for step in transform.transforms:
         if isinstance(step, T.Resize):
-            interpolation = step.interpolation
+            own = step.interpolation
             size = size or step.size
         elif isinstance(step, T.CenterCrop):
             size = step.size
@@ -235,9 +246,26 @@ def default_augment(transform: Any, *, scale: tuple[float, float] = (0.5, 1.0)) 
         raise ValueError(
             "the preprocessing has no Resize or CenterCrop to take the image size from; pass augment= explicitly"
         )
-    return T.Compose(
-        [T.RandomResizedCrop(size, scale=scale, interpolation=interpolation), T.RandomHorizontalFlip(), *rest]
-    )
+    mode = own if interpolation is None else T.InterpolationMode(interpolation)
+    return T.Compose([T.RandomResizedCrop(size, scale=scale, interpolation=mode), T.RandomHorizontalFlip(), *rest])
+
+
+def augment_view(augment: Callable, image: Any, *, seed: int, item: Item, view: int) -> Tensor:
+    """View ``view`` of ``item``: ``augment(image)`` under the seed the feature cache uses for it.
+
+    The cache encodes exactly these pixels, whatever the rank, worker or batch
+    size; so a loop that augments on the fly with ``view = epoch`` sees what a
+    cache of ``views="per_epoch"`` holds, and trains to the same weights.
+
+    Args:
+        augment: PIL image -> tensor, e.g. :func:`default_augment`'s.
+        image: the item's PIL image (``splits.load_image(item)``).
+        seed: the run's seed (the cache's ``seed``).
+        item: the item (its source names it in the seed).
+        view: the view index (the epoch, for per-epoch views).
+    """
+    with _seeded(_view_seed(seed, item, view)):
+        return _as_tensor(augment(image))
 
 
 def _view_seed(seed: int, item: Item, view: int) -> int:
@@ -274,8 +302,7 @@ class _Views(Dataset):
             return _as_tensor(self.transform(self.splits.load_image(self.items[index])))
         item, view = divmod(index, self.views)
         image = self.splits.load_image(self.items[item])
-        with _seeded(_view_seed(self.seed, self.items[item], view)):
-            return _as_tensor(self.augment(image))
+        return augment_view(self.augment, image, seed=self.seed, item=self.items[item], view=view)
 
 
 def _as_tensor(image: Any) -> Tensor:

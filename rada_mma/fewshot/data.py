@@ -51,6 +51,7 @@ __all__ = [
     "Splits",
     "few_shot",
     "load_data",
+    "mma_draw",
     "subsample_classes",
 ]
 
@@ -665,9 +666,12 @@ def _per_class(items: Iterable[Item], shots: int, rng: random.Random) -> list[It
     return chosen
 
 
-def _write_subset(path: Path, splits: Splits, shots: int, seed: int, train: list[Item], val: list[Item]) -> None:
+def _write_subset(
+    path: Path, splits: Splits, shots: int, seed: int, train: list[Item], val: list[Item], *, draw: str = "coop"
+) -> None:
     record = {
         "format": FEW_SHOT_FORMAT,
+        "draw": draw,
         "dataset": splits.name,
         "num_classes": splits.num_classes,
         "shots": shots,
@@ -681,7 +685,9 @@ def _write_subset(path: Path, splits: Splits, shots: int, seed: int, train: list
     logger.info("saved the few-shot draw to %s", path)
 
 
-def _read_subset(path: Path, splits: Splits, shots: int, seed: int) -> tuple[list[Item], list[Item]]:
+def _read_subset(
+    path: Path, splits: Splits, shots: int, seed: int, *, draw: str = "coop"
+) -> tuple[list[Item], list[Item]]:
     fix = f"delete {path} to draw again"
     try:
         record = json.loads(path.read_text())
@@ -689,6 +695,8 @@ def _read_subset(path: Path, splits: Splits, shots: int, seed: int) -> tuple[lis
         raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from err
     if not isinstance(record, dict) or record.get("format") != FEW_SHOT_FORMAT:
         raise ValueError(f"{path} is not a rada_mma few-shot file; {fix}")
+    if record.get("draw", "coop") != draw:
+        raise ValueError(f"{path} holds a {record.get('draw')!r} draw, not {draw!r}; {fix}")
     if (record.get("shots"), record.get("seed")) != (shots, seed):
         raise ValueError(f"{path} holds shots={record.get('shots')}, seed={record.get('seed')}, not {shots}, {seed}; {fix}")
     if record.get("num_classes") != splits.num_classes:
@@ -697,7 +705,9 @@ def _read_subset(path: Path, splits: Splits, shots: int, seed: int) -> tuple[lis
             f"(draw before subsample_classes, as CoOp does); {fix}"
         )
     known_train = {(item.source, item.label): item for item in splits.train}
-    known_val = {(item.source, item.label): item for item in splits.val} if splits.val else known_train
+    # MMA's draw and a source without a val split take the validation items from the training items
+    from_train = draw == "mma" or not splits.val
+    known_val = known_train if from_train else {(item.source, item.label): item for item in splits.val}
 
     def resolve(entries: list, known: dict) -> tuple[list[Item], list]:
         found, missing = [], []
@@ -718,6 +728,107 @@ def _read_subset(path: Path, splits: Splits, shots: int, seed: int) -> tuple[lis
             f"{', '.join(repr(m) for m in missing[:3])}): the data changed since it was drawn. Restore the data, or {fix}"
         )
     return train, val
+
+
+# -- MMA's draw --------------------------------------------------------------------------------
+
+
+def mma_draw(splits: Splits, shots: int, seed: int, *, save_dir: str | os.PathLike | None = None) -> Splits:
+    """MMA's few-shot draw: ``shots·C`` training and ``shots·C`` validation items from the training items.
+
+    dqmis/clip-mma subsamples the classes first (call :func:`subsample_classes`
+    with ``rounding="floor"`` before this) and then splits the training items
+    with scikit-learn's ``train_test_split(range(N), stratify=labels,
+    train_size=shots·C, test_size=shots·C)`` after ``np.random.seed(42)``. This
+    draws the same items in the same order, without scikit-learn, from
+    ``numpy.random.RandomState(seed)``, consumed exactly as that call consumes it:
+
+    1. each class's share of ``shots·C`` is its fraction of the items, rounded down;
+       the items still missing go to the classes with the largest remainders, ties
+       broken by ``rng.choice(tied, k, replace=False)`` (largest remainder first);
+       the validation shares likewise, from what each class has left;
+    2. class by class, in sorted label order, ``rng.permutation`` of the class's
+       items (in data order): its training share first, its validation share next;
+    3. ``rng.permutation`` of all training items, then of all validation items.
+
+    So a class gets exactly ``shots`` of each only when the classes are balanced,
+    and validation comes from the training pool (the data's own val split is not
+    used). The test split is untouched. ``seed=42`` is MMA's own draw.
+
+    Args:
+        splits: the base classes' data (already subsampled).
+        shots: per class on average; ``shots·C`` items go to each of train and val.
+        seed: seed of numpy's ``RandomState`` (MMA: 42).
+        save_dir: keep the draw in ``save_dir/mma-shot_{K}-seed_{seed}.json``, reused when present.
+
+    Returns:
+        New :class:`Splits` with the drawn train and val items.
+
+    Example:
+        >>> base = mma_draw(subsample_classes(load_data("/data/dtd"), "base", rounding="floor"), 16, 42)
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"MMA's draw takes shots >= 1 per class (shots·C items each for train and val), got {shots!r}")
+    path = Path(save_dir) / f"mma-shot_{shots}-seed_{seed}.json" if save_dir is not None else None
+    if path is not None and path.is_file():
+        train, val = _read_subset(path, splits, shots, seed, draw="mma")
+        logger.info("reusing MMA's draw in %s (%d train, %d val items)", path, len(train), len(val))
+        return dataclasses.replace(splits, train=train, val=val, test=list(splits.test))
+    train_index, val_index = _stratified_split(
+        [item.label for item in splits.train], shots * splits.num_classes, shots * splits.num_classes, seed
+    )
+    train = [splits.train[i] for i in train_index]
+    val = [splits.train[i] for i in val_index]
+    if path is not None and is_main():
+        _write_subset(path, splits, shots, seed, train, val, draw="mma")
+    return dataclasses.replace(splits, train=train, val=val, test=list(splits.test))
+
+
+def _stratified_split(labels: Sequence[int], n_train: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of a stratified train/val split drawn as scikit-learn's ``StratifiedShuffleSplit`` draws one."""
+    import numpy as np
+
+    y = np.asarray(labels)
+    classes, per_item, counts = np.unique(y, return_inverse=True, return_counts=True)
+    if len(y) < n_train + n_val:
+        raise ValueError(
+            f"MMA's draw needs {n_train} training and {n_val} validation items from the training split, which has "
+            f"{len(y)}; lower --shots (the draw takes shots x classes for each)"
+        )
+    if counts.min() < 2:
+        raise ValueError(
+            f"MMA's draw stratifies by class and needs 2 training items per class at least; class(es) "
+            f"{classes[counts < 2].tolist()} have one"
+        )
+    members = np.split(np.argsort(per_item, kind="stable"), np.cumsum(counts)[:-1])  # per class, in data order
+    rng = np.random.RandomState(seed)
+    train_share = _apportion(counts, n_train, rng)
+    val_share = _apportion(counts - train_share, n_val, rng)
+    train: list[int] = []
+    val: list[int] = []
+    for index, group in enumerate(members):
+        shuffled = group[rng.permutation(counts[index])]
+        train.extend(shuffled[: train_share[index]])
+        val.extend(shuffled[train_share[index] : train_share[index] + val_share[index]])
+    return rng.permutation(train).tolist(), rng.permutation(val).tolist()
+
+
+def _apportion(counts: Any, draws: int, rng: Any) -> Any:
+    """``draws`` split over classes in proportion to ``counts``: floors, then largest remainders (ties drawn)."""
+    import numpy as np
+
+    exact = counts / counts.sum() * draws
+    share = np.floor(exact)
+    missing = int(draws - share.sum())
+    remainder = exact - share
+    for value in np.unique(remainder)[::-1]:  # largest remainder first
+        if missing <= 0:
+            break
+        (tied,) = np.where(remainder == value)
+        take = min(len(tied), missing)
+        share[rng.choice(tied, size=take, replace=False)] += 1
+        missing -= take
+    return share.astype(int)
 
 
 # -- base-to-new -------------------------------------------------------------------------------

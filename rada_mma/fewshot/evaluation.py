@@ -28,6 +28,8 @@ CAPTION = (
     "the base classes only; new: the unseen classes among themselves; HM: harmonic mean of base and new."
 )
 CAPTION_ALL = " all: every test image scored among all classes at once (base and new compete)."
+CAPTION_RUNS = " runs: each seed's run record (run.json: everything the run resolved), in its run folder."
+RUN_RECORD = "run.json"
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -60,6 +62,8 @@ def summarize(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         out["hm"] = harmonic_mean(out["base"], out["new"])
         if (everything := _mean(group, "all")) is not None:
             out["all"] = everything
+        if group and all("run" in r and "seed" in r for r in group):
+            out["runs"] = [(r["seed"], r["run"]) for r in group]  # the run folders the row averages
         return out
 
     out = [averaged(d, m, group, len(group)) for (d, m), group in groups.items()]
@@ -78,7 +82,7 @@ def _benchmark_datasets(rows: Iterable[dict[str, Any]]) -> list[str]:
     return sorted({r["dataset"] for r in rows if find_dataset(r["dataset"]) is not None})
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], *, published: bool = True) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], *, published: bool = True, runs: bool = True) -> str:
     """Seed-averaged results (:func:`summarize`) as a markdown table.
 
     Args:
@@ -86,6 +90,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], *, published: bool = True) ->
         published: where a dataset is one of the 11 few-shot benchmarks, add the
             papers' published averages for the methods present (ViT-B/16, 16 shots;
             :data:`PUBLISHED` holds the 11-dataset averages only).
+        runs: where rows name their run folder (``run``, as :func:`~rada_mma.fewshot.run_grid`
+            gives them), a column linking each seed's ``run.json``.
 
     Example:
         >>> print(markdown_table([{"dataset": "toy", "method": "rada", "seed": 1, "base": 90, "new": 80, "hm": 84.7}]))
@@ -97,16 +103,19 @@ def markdown_table(rows: Sequence[dict[str, Any]], *, published: bool = True) ->
     """
     summary = summarize(rows)
     with_all = bool(summary) and all("all" in r for r in summary)
+    with_runs = runs and any("runs" in r for r in summary)
     lines = [
-        "| dataset | method | seeds | base | new | HM |" + (" all |" if with_all else ""),
-        "|---|---|---:|---:|---:|---:|" + ("---:|" if with_all else ""),
+        "| dataset | method | seeds | base | new | HM |" + (" all |" if with_all else "") + (" runs |" if with_runs else ""),
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if with_all else "") + ("---|" if with_runs else ""),
     ]
     for r in summary:
         cells = [r["dataset"], r["method"], str(r["seeds"])] + [f"{r[k]:.2f}" for k in ("base", "new", "hm")]
         if with_all:
             cells.append(f"{r['all']:.2f}")
+        if with_runs:
+            cells.append(" ".join(f"[seed {seed}]({run}/{RUN_RECORD})" for seed, run in r.get("runs", ())))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", CAPTION + (CAPTION_ALL if with_all else "")]
+    lines += ["", CAPTION + (CAPTION_ALL if with_all else "") + (CAPTION_RUNS if with_runs else "")]
     benchmarks = _benchmark_datasets(rows) if published else []
     methods = [m for m in dict.fromkeys(r["method"] for r in summary) if m in PUBLISHED]
     if benchmarks and methods:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
+import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +25,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._version import __version__
+from ..config import AdapterConfig
 from ..io import write_json
 from ..wrapper import AdaptedCLIP, wrap
 from . import data as fsdata
 from . import runs
-from .cache import DATA_HASHES, Features, encode_class_texts, extract_image_features
+from .cache import DATA_HASHES, Features, default_augment, encode_class_texts, extract_image_features
 from .datasets import templates_for
 from .distributed import is_main
-from .evaluation import harmonic_mean, write_results
+from .evaluation import RUN_RECORD, harmonic_mean, write_results
 from .models import load_clip, model_name
 from .runs import ADAPTER_FILE
-from .train import FitResult, TrainConfig, accuracy, fit, preset
+from .train import RELEASED_PROMPT, FitResult, TrainConfig, accuracy, fit, preset, steps_per_epoch
 
-__all__ = ["FeatureStore", "RunSpec", "extract", "run_base_to_new", "run_grid"]
+__all__ = [
+    "DRAWS",
+    "RUN_RECORD",
+    "FeatureStore",
+    "RunSpec",
+    "adapter_templates",
+    "base_classes",
+    "extract",
+    "run_base_to_new",
+    "run_grid",
+    "run_record",
+    "zero_shot_templates",
+]
 
 log = logging.getLogger(__name__)
+
+DRAWS = ("coop", "mma")  # CoOp's few-shot draw, or MMA's (data.mma_draw)
+
 
 
 @dataclass(frozen=True)
@@ -44,22 +64,27 @@ class RunSpec:
     """Everything one few-shot run depends on; the command line builds one from its flags.
 
     ``options`` are adapter options (``AdapterConfig`` fields, e.g. ``alpha``);
-    ``train`` overrides fields of the method's :func:`~rada_mma.fewshot.preset`.
+    ``train`` overrides fields of the method's :func:`~rada_mma.fewshot.preset`
+    (among them what the training images look like: ``views``, ``crop_scale``,
+    ``interpolation``; the adapter's ``prompt``; ``extract_amp``). What a run
+    resolved all of this to is its :func:`run_record`, written as ``run.json``.
     """
 
     data: str | None = None  # dataset folder (ImageFolder or CoOp layout) or split file
     out: str | None = None  # the run folder
     method: str = "rada"
-    seed: int = 1  # the few-shot draw's seed and the training seed
+    seed: int = 1  # the few-shot draw's seed, the training seed and the augmented views' seed
     shots: int = 16  # per class; 0 keeps every training image
     model: str | None = None  # open_clip architecture, e.g. "ViT-B-16"
     pretrained: str | None = None  # open_clip tag, weights file, or "random"
     model_config: str | None = None  # a local open_clip JSON config
     split_file: str | None = None  # CoOp split_zhou_<Dataset>.json when not found in data
     dataset: str | None = None  # dataset name for templates and class-name fixes (default: detected)
-    templates: tuple[str, ...] | None = None  # prompt templates with {} (default: the dataset's)
-    views: int = 0  # augmented views per training image in the cache
-    rounding: str = "ceil"  # base classes: ceil(C/2) (CoOp) or floor (MMA)
+    # prompt templates with {}, for the adapter and the zero-shot rows alike (default: the adapter's
+    # come from its preset's prompt, "a photo of a {}." for RAda; zero-shot rows use the dataset's CoOp template)
+    templates: tuple[str, ...] | None = None
+    draw: str = "coop"  # few-shot draw: "coop" (Dassl's, then base/new) or "mma" (base classes, then MMA's draw)
+    rounding: str | None = None  # base classes: "ceil" (CoOp's ceil(C/2)) or "floor" (MMA's); None: the draw's
     cache_dir: str | None = None  # feature cache folder (default OUT/cache)
     data_hash: str = "content"  # image files in the cache's fingerprint: every byte, or "stat" (size, mtime)
     extract_batch_size: int = 128
@@ -70,14 +95,14 @@ class RunSpec:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("seed", "shots", "views", "extract_batch_size"):
+        for name in ("seed", "shots", "extract_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an integer, got {value!r}")
         if not 0 <= self.seed < 1 << 63:
             raise ValueError(f"seed must lie in [0, 2**63) (torch's generators take 64 bits), got {self.seed}")
-        if self.shots < 0 or self.views < 0:
-            raise ValueError(f"shots and views must be >= 0 (shots 0: every image), got {self.shots} and {self.views}")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0 (0: every image), got {self.shots}")
         if self.extract_batch_size < 1:
             raise ValueError(f"extract_batch_size must be >= 1, got {self.extract_batch_size}")
         if self.data_hash not in DATA_HASHES:
@@ -99,6 +124,13 @@ class RunSpec:
     def train_config(self) -> TrainConfig:
         """The method's preset with this run's seed and overrides."""
         return preset(self.method, **{"seed": self.seed, **self.train})
+
+    @property
+    def base_rounding(self) -> str:
+        """How many classes are base: the run's ``rounding``, else the draw's own (CoOp ceil, MMA floor)."""
+        if self.draw not in DRAWS:
+            raise ValueError(f"draw must be one of {', '.join(map(repr, DRAWS))}, got {self.draw!r}")
+        return self.rounding or ("floor" if self.draw == "mma" else "ceil")
 
     def cache_folder(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else self.out_dir / "cache"
@@ -127,9 +159,34 @@ def load_splits(spec: RunSpec) -> fsdata.Splits:
 
 def _base_to_new_data(spec: RunSpec) -> _Data:
     splits = load_splits(spec)
-    drawn = fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=spec.out_dir / "split")
-    base = fsdata.subsample_classes(drawn, "base", rounding=spec.rounding)
-    return _Data(everything=drawn, base=base)
+    return _Data(everything=splits, base=base_classes(spec, splits))
+
+
+def base_classes(spec: RunSpec, splits: fsdata.Splits) -> fsdata.Splits:
+    """The base classes' few-shot training (and validation) items, drawn as ``spec.draw`` says.
+
+    CoOp draws K shots of every class first and keeps the base half second;
+    MMA keeps the base half first (``floor(C/2)``) and draws second (:func:`~rada_mma.fewshot.data.mma_draw`).
+    """
+    save_dir = spec.out_dir / "split"
+    rounding = spec.base_rounding
+    if spec.draw == "mma":
+        return fsdata.mma_draw(fsdata.subsample_classes(splits, "base", rounding=rounding), spec.shots, spec.seed,
+                               save_dir=save_dir)
+    drawn = fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=save_dir)
+    return fsdata.subsample_classes(drawn, "base", rounding=rounding)
+
+
+def adapter_templates(spec: RunSpec, config: TrainConfig, dataset: str | None) -> list[str]:
+    """The adapter's class prompts: ``spec.templates``, else the preset's (RAda's released prompt or the dataset's)."""
+    if spec.templates:
+        return templates_for(dataset, list(spec.templates))
+    return [RELEASED_PROMPT] if config.prompt == "released" else templates_for(dataset)
+
+
+def zero_shot_templates(spec: RunSpec, dataset: str | None) -> list[str]:
+    """Zero-shot CLIP's prompts: ``spec.templates``, else the dataset's CoOp template (how 69.34 / 74.22 were made)."""
+    return templates_for(dataset, list(spec.templates) if spec.templates else None)
 
 
 class FeatureStore:
@@ -149,21 +206,35 @@ class FeatureStore:
     @property
     def few_shot_tag(self) -> str:
         s = self.spec
-        return f"base-{s.shots}shot-seed{s.seed}-{s.rounding}"
+        draw = "-mma" if s.draw == "mma" else ""
+        return f"base-{s.shots}shot-seed{s.seed}-{s.base_rounding}{draw}"
 
-    def images(self, splits: fsdata.Splits, part: str, tag: str, views: int = 0) -> Features:
+    def images(self, splits: fsdata.Splits, part: str, tag: str, config: TrainConfig | None = None) -> Features:
+        """Features of ``splits``' ``part``; the training part with ``config``'s augmented views.
+
+        Files are named by what tells them apart within a folder: draw, part, views and
+        their crop, bf16; everything else is in their fingerprint.
+        """
+        views = config.view_count if config is not None and part == "train" else 0
+        amp = (config.extract_amp if config is not None else True) and torch.device(self.spec.device_name).type == "cuda"
+        augment, name = None, f"{tag}-{part}-v{views}"
+        if views:
+            augment = default_augment(self.preprocess, scale=(config.crop_scale, 1.0), interpolation=config.interpolation)
+            name += f"-rrc{config.crop_scale:g}-{config.interpolation}"
         return extract_image_features(
-            self.model, splits, splits.split(part), self.preprocess, views=views,
-            batch_size=self.spec.extract_batch_size, device=self.spec.device_name, data_hash=self.spec.data_hash,
-            cache_path=self.folder / f"{tag}-{part}-v{views}.safetensors", progress=self.spec.progress and is_main(),
+            self.model, splits, splits.split(part), self.preprocess, views=views, augment=augment,
+            seed=self.spec.seed, autocast=amp, batch_size=self.spec.extract_batch_size, device=self.spec.device_name,
+            data_hash=self.spec.data_hash,
+            cache_path=self.folder / f"{name}{'-bf16' if amp else ''}.safetensors",
+            progress=self.spec.progress and is_main(),
         )
 
-    def texts(self, splits: fsdata.Splits) -> Tensor:
-        """Raw class text features ``(C, T, D)`` of every class in the run's templates."""
-        prompts = templates_for(splits.name, list(self.spec.templates) if self.spec.templates else None)
+    def texts(self, splits: fsdata.Splits, templates: Sequence[str]) -> Tensor:
+        """Raw class text features ``(C, T, D)`` of every class in ``templates`` (one cache file per template set)."""
+        key = hashlib.sha256(json.dumps(list(templates)).encode()).hexdigest()[:12]
         return encode_class_texts(
-            self.model, splits.classnames, prompts, tokenizer=self.tokenizer,
-            cache_path=self.folder / "all-classes.safetensors",
+            self.model, splits.classnames, templates, tokenizer=self.tokenizer,
+            cache_path=self.folder / f"all-classes-{key}.safetensors",
         )
 
 
@@ -184,42 +255,69 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
     Args:
         spec: the run.
         train: ``False`` evaluates the adapter in ``spec.adapter`` (default
-            ``OUT/adapter.safetensors``) instead of training one.
+            ``OUT/adapter.safetensors``) instead of training one, with the prompts
+            its run recorded in ``run.json`` beside it (else its preset's).
 
     Returns:
         Rows for ``results.json``: zero-shot CLIP and the adapter, each with
         ``base``, ``new`` (the new classes alone), ``hm`` and ``all`` (every
-        test image among all classes), in percent.
+        test image among all classes), in percent. A training run also writes
+        ``run.json`` (:func:`run_record`).
     """
     adapter_file = None if train else Path(spec.adapter).expanduser() if spec.adapter else spec.out_dir / ADAPTER_FILE
     if adapter_file is not None and not adapter_file.is_file():
         raise FileNotFoundError(
             f"no adapter at {adapter_file}; train one first (rada-mma fit --out {spec.out}), or give adapter=FILE"
         )
-    config = spec.train_config() if train else None
+    config = spec.train_config()
     # one process per run folder; an evaluation of another adapter writes a folder of its own
     with runs.claim(spec, train=train, adapter=adapter_file) as spec:
         return _base_to_new(spec, config, adapter_file)
 
 
-def _base_to_new(spec: RunSpec, config: TrainConfig | None, adapter_file: Path | None) -> list[dict[str, Any]]:
+def _base_to_new(spec: RunSpec, config: TrainConfig, adapter_file: Path | None) -> list[dict[str, Any]]:
+    train = adapter_file is None  # else: evaluate that adapter
     run_data = _base_to_new_data(spec)
     model, preprocess, tokenizer = _wrapped(spec)
     store = FeatureStore(spec, model, preprocess, tokenizer)
-    text = store.texts(run_data.everything)  # (C, T, D)
-    test = store.images(run_data.everything, "test", "all")
+    name = run_data.everything.name
+    prompts = (adapter_templates(spec, config, name) if train else _recorded_templates(spec, config, name, adapter_file),
+               zero_shot_templates(spec, name))
+    text = store.texts(run_data.everything, prompts[0])  # (C, T, D)
+    zero_text = text if prompts[1] == prompts[0] else store.texts(run_data.everything, prompts[1])
+    test = store.images(run_data.everything, "test", "all", config)
     _check_test_covers_both_halves(run_data, test)
     model.set_classes(text_features=text[: run_data.cut])
     result = None
-    if config is not None:
-        result = _train(spec, model, store, run_data.base, config)
+    if train:
+        result, features = _train(spec, model, store, run_data.base, config)
     else:
         model.load_adapter(adapter_file)
-    rows = _evaluate(spec, model, text, test, run_data)
+    rows = _evaluate(spec, model, {"zero-shot": zero_text, spec.method: text}, test, run_data)
     model.set_classes(text_features=text[: run_data.cut])
     if is_main():
-        _write_run(spec, model, config, result, rows, run_data, test)
+        _write_run(spec, model, config if train else None, result, rows, run_data, test)
+        if train:
+            record = run_record(
+                spec, config, model.adapter.config, setting="base2new", dataset=name, prompt_templates=prompts[0],
+                zero_shot_templates=prompts[1], train_images=len(features), data_fingerprint=features.fingerprint,
+            )
+            write_json(spec.out_dir / RUN_RECORD, record)
     return rows
+
+
+def _recorded_templates(spec: RunSpec, config: TrainConfig, dataset: str, adapter_file: Path) -> list[str]:
+    """An adapter's prompts for evaluation: ``spec.templates``, else those its run.json records, else the preset's."""
+    record = adapter_file.parent / RUN_RECORD
+    if not spec.templates and record.is_file():
+        try:
+            recorded = json.loads(record.read_text()).get("prompt_templates")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = None
+        if isinstance(recorded, list) and recorded and all(isinstance(t, str) for t in recorded):
+            return recorded
+        log.warning("%s records no prompt templates; evaluating with the %s preset's", record, spec.method)
+    return adapter_templates(spec, config, dataset)
 
 
 def _check_test_covers_both_halves(run_data: _Data, test: Features) -> None:
@@ -232,25 +330,25 @@ def _check_test_covers_both_halves(run_data: _Data, test: Features) -> None:
             )
 
 
-def _train(spec: RunSpec, model: AdaptedCLIP, store: FeatureStore, base: fsdata.Splits, config: TrainConfig) -> FitResult:
-    train = store.images(base, "train", store.few_shot_tag, views=spec.views)
-    val = store.images(base, "val", store.few_shot_tag) if base.val else None
-    return fit(
+def _train(
+    spec: RunSpec, model: AdaptedCLIP, store: FeatureStore, base: fsdata.Splits, config: TrainConfig
+) -> tuple[FitResult, Features]:
+    train = store.images(base, "train", store.few_shot_tag, config)
+    val = store.images(base, "val", store.few_shot_tag, config) if base.val else None
+    result = fit(
         model, train.image, train.labels, config=config,
         val_features=None if val is None else val.image, val_labels=None if val is None else val.labels,
         out_dir=spec.out_dir, progress=spec.progress and is_main(), data_fingerprint=train.fingerprint,
     )
+    return result, train
 
 
-def _evaluate(spec: RunSpec, model: AdaptedCLIP, text: Tensor, test: Features, run_data: _Data) -> list[dict[str, Any]]:
-    """Zero-shot and adapted rows: base and new classes apart, then all classes together."""
+def _evaluate(
+    spec: RunSpec, model: AdaptedCLIP, texts: Mapping[str, Tensor], test: Features, run_data: _Data
+) -> list[dict[str, Any]]:
+    """Zero-shot and adapted rows, each with its own class texts: base and new classes apart, then all together."""
     cut = run_data.cut
     is_base = test.labels < cut
-    parts = {
-        "base": (text[:cut], test.image[is_base], test.labels[is_base]),
-        "new": (text[cut:], test.image[~is_base], test.labels[~is_base] - cut),
-        "all": (text, test.image, test.labels),
-    }
     common = {
         "dataset": run_data.everything.name,
         "seed": spec.seed,
@@ -258,9 +356,14 @@ def _evaluate(spec: RunSpec, model: AdaptedCLIP, text: Tensor, test: Features, r
         "model": model_name(spec.model, spec.model_config),
     }
     rows = []
-    for method, enabled in (("zero-shot", False), (spec.method, True)):
+    for method, text in texts.items():
+        parts = {
+            "base": (text[:cut], test.image[is_base], test.labels[is_base]),
+            "new": (text[cut:], test.image[~is_base], test.labels[~is_base] - cut),
+            "all": (text, test.image, test.labels),
+        }
         scores = {}
-        with contextlib.nullcontext() if enabled else model.disable_adapter():
+        with model.disable_adapter() if method == "zero-shot" else contextlib.nullcontext():
             for part, (classes, images, labels) in parts.items():
                 model.set_classes(text_features=classes)
                 scores[part] = accuracy(model, images, labels)
@@ -268,6 +371,73 @@ def _evaluate(spec: RunSpec, model: AdaptedCLIP, text: Tensor, test: Features, r
         rows.append({**common, "method": method, "base": scores["base"], "new": scores["new"], "hm": hm,
                      "all": scores["all"]})
     return rows
+
+
+# what run_record states in its own words, rather than as the TrainConfig field
+_RECORDED_ELSEWHERE = ("views", "crop_scale", "interpolation", "prompt", "amp", "extract_amp")
+
+
+def run_record(
+    spec: RunSpec,
+    config: TrainConfig,
+    adapter: AdapterConfig,
+    *,
+    setting: str,
+    dataset: str,
+    prompt_templates: Sequence[str],
+    zero_shot_templates: Sequence[str],
+    **extra: Any,
+) -> dict[str, Any]:
+    """What one run ran, fully resolved: the object ``run.json`` holds, so that a reader needs no other file.
+
+    Any protocol calls it with what it resolved (``setting`` names the protocol,
+    e.g. ``"base2new"``) and adds what else its run depends on as ``extra``.
+
+    Keys: ``method``, ``setting``, ``dataset``, ``seed``, ``shots``, ``draw``,
+    ``rounding``; ``prompt_templates`` (the adapter's) and ``zero_shot_templates``;
+    ``augmentation`` (``kind``, ``scale``, ``interpolation``, ``views``, or
+    ``{"kind": "none", "views": 0}``); every other :class:`TrainConfig` field
+    (``optimizer``, ``lr``, ``weight_decay``, ``batch_size``, ``drop_last``,
+    ``epochs``, ``warmup_epochs``, ``schedule``, ...) and ``steps_per_epoch``
+    when ``extra`` has ``train_images``; ``feature_dtype`` and ``train_dtype``
+    (``"float32"`` or ``"bfloat16"``, as they ran on the run's device);
+    ``adapter`` (the :class:`~rada_mma.AdapterConfig`); ``model``, ``pretrained``,
+    ``model_config``, ``data``, ``device``; ``rada_mma_version``,
+    ``torch_version``, ``open_clip_version``, ``python_version``.
+
+    Example:
+        >>> record = run_record(spec, spec.train_config(), model.adapter.config, setting="base2new",
+        ...                     dataset="OxfordPets", prompt_templates=["a photo of a {}."],
+        ...                     zero_shot_templates=["a photo of a {}, a type of pet."])
+    """
+    cuda = torch.device(spec.device_name).type == "cuda"
+    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RECORDED_ELSEWHERE}
+    if "train_images" in extra:
+        train["steps_per_epoch"] = steps_per_epoch(config, extra["train_images"])
+    return {
+        "method": spec.method, "setting": setting, "dataset": dataset, "seed": spec.seed, "shots": spec.shots,
+        "draw": spec.draw, "rounding": spec.base_rounding,
+        "prompt_templates": list(prompt_templates), "zero_shot_templates": list(zero_shot_templates),
+        "augmentation": config.augmentation,
+        **train,
+        "feature_dtype": "bfloat16" if config.extract_amp and cuda else "float32",
+        "train_dtype": "bfloat16" if config.amp and cuda else "float32",
+        "adapter": dataclasses.asdict(adapter),
+        "model": model_name(spec.model, spec.model_config), "pretrained": spec.pretrained,
+        "model_config": spec.model_config, "data": spec.data, "device": spec.device_name,
+        "rada_mma_version": __version__, "torch_version": torch.__version__,
+        "open_clip_version": _version_of("open_clip_torch"), "python_version": platform.python_version(),
+        **extra,
+    }
+
+
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _write_run(spec: RunSpec, model: AdaptedCLIP, config: TrainConfig | None, result: FitResult | None,
@@ -325,6 +495,8 @@ def run_grid(
     Returns:
         The rows, also written to ``OUT/results.json`` and ``OUT/results.md``, and
         drawn in ``OUT/results.png`` (base / new / HM per method, spread over seeds).
+        Each row's ``run`` is its run folder relative to ``OUT`` (its ``run.json``
+        says what it ran); the table links every row to them.
     """
     out = Path(out).expanduser()
     rows: list[dict[str, Any]] = []
@@ -338,7 +510,8 @@ def run_grid(
                                        out=str(run_folder(out, folder, method, seed)), cache_dir=str(cache))
                     if on_run is not None:
                         on_run(run)
-                    rows += [r for r in run_base_to_new(run) if r["method"] != "zero-shot" or index == 0]
+                    link = Path(run.out).relative_to(out).as_posix()  # results.md links each row to its run folder
+                    rows += [{**r, "run": link} for r in run_base_to_new(run) if r["method"] != "zero-shot" or index == 0]
         if is_main():
             from .plots import plot_summary
 
@@ -348,22 +521,25 @@ def run_grid(
 
 
 def extract(spec: RunSpec) -> list[Tensor]:
-    """Fill the cache ``fit``, ``eval`` and ``bench`` read: the class texts and test images of every class,
-    and the few-shot training (and validation) images of the base classes (every training image when
+    """Fill the cache ``fit``, ``eval`` and ``bench`` read: the class texts (the adapter's and zero-shot's
+    prompts) and test images of every class, and the few-shot training (with the preset's augmented
+    views) and validation images of the base classes (every training image, un-augmented, when
     ``spec.shots`` is 0). Returns the feature tensors."""
     splits = load_splits(spec)
+    config = spec.train_config()
     model, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
     store = FeatureStore(spec, wrap(model, method="rada"), preprocess, tokenizer)  # the encoders only
     with runs.hold(spec.out_dir) if spec.out else contextlib.nullcontext():
-        written = [store.texts(splits)]
+        templates = {tuple(adapter_templates(spec, config, splits.name)), tuple(zero_shot_templates(spec, splits.name))}
+        written = [store.texts(splits, list(t)) for t in sorted(templates)]
         if splits.test:
-            written.append(store.images(splits, "test", "all").image)
+            written.append(store.images(splits, "test", "all", config).image)
         if spec.shots:
-            drawn = fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=spec.out_dir / "split")
-            part, tag = fsdata.subsample_classes(drawn, "base", rounding=spec.rounding), store.few_shot_tag
+            part, tag = base_classes(spec, splits), store.few_shot_tag
+            written.append(store.images(part, "train", tag, config).image)
         else:
             part, tag = splits, "all"
-        written.append(store.images(part, "train", tag, views=spec.views).image)
+            written.append(store.images(part, "train", tag, dataclasses.replace(config, views=0)).image)
         if part.val:
-            written.append(store.images(part, "val", tag).image)
+            written.append(store.images(part, "val", tag, config).image)
     return written

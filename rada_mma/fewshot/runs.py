@@ -38,8 +38,8 @@ OWNER_FILE = "owner.json"
 OWNER_FORMAT = "rada_mma.run_owner"
 ADAPTER_FILE = "adapter.safetensors"
 # what an evaluation depends on besides its adapter: the run's other fields are training settings
-_EVAL_FIELDS = ("data", "split_file", "dataset", "templates", "rounding", "shots", "seed", "model", "pretrained",
-                "model_config", "method")
+_EVAL_FIELDS = ("data", "split_file", "dataset", "templates", "draw", "rounding", "shots", "seed", "model",
+                "pretrained", "model_config", "method")
 
 
 def _sha256(path: Path) -> str:
@@ -58,13 +58,12 @@ def _path(value: str | None) -> str | None:
 def _run_fields(spec: Any, train: bool) -> dict[str, Any]:
     fields = {
         "data": _path(spec.data), "split_file": _path(spec.split_file), "dataset": spec.dataset,
-        "templates": list(spec.templates) if spec.templates else None, "rounding": spec.rounding,
+        "templates": list(spec.templates) if spec.templates else None, "draw": spec.draw, "rounding": spec.base_rounding,
         "shots": spec.shots, "seed": spec.seed, "model": spec.model, "pretrained": _path(spec.pretrained),
         "model_config": _path(spec.model_config), "method": spec.method,
     }
     if train:
-        fields.update(views=spec.views, options=dict(sorted(spec.options.items())),
-                      train=dataclasses.asdict(spec.train_config()))
+        fields.update(options=dict(sorted(spec.options.items())), train=dataclasses.asdict(spec.train_config()))
     return fields
 
 

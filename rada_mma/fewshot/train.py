@@ -28,7 +28,19 @@ from ..wrapper import AdaptedCLIP
 from .distributed import all_reduce_grads, all_reduce_sum, barrier, rank_world
 
 __all__ = [
-    "CHOICES", "PRESETS", "FitResult", "TrainConfig", "TrainingDiverged", "accuracy", "fit", "learning_rate", "preset",
+    "CHOICES",
+    "PER_EPOCH",
+    "PRESETS",
+    "RELEASED_PROMPT",
+    "FitResult",
+    "TrainConfig",
+    "TrainingDiverged",
+    "accuracy",
+    "fit",
+    "learning_rate",
+    "parse_views",
+    "preset",
+    "steps_per_epoch",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,12 +51,31 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("cosine", "constant"),
     "select": ("last", "best_val"),
+    "interpolation": ("bicubic", "bilinear", "nearest"),  # Dassl's INTERPOLATION_MODES
+    "prompt": ("released", "dataset"),
 }
+PER_EPOCH = "per_epoch"
+AUGMENTATION = "random_resized_crop+flip"  # Dassl's random_resized_crop + random_flip, then the model's normalisation
+RELEASED_PROMPT = "a photo of a {}."  # RAda's CustomCLIP: "a photo of a " + name + "." for every dataset
 
 
-def _option(help: str, **default: Any) -> Any:
-    """A TrainConfig field with its help text (the command line's flags are made from these)."""
-    return field(metadata={"help": help}, **default)
+def parse_views(value: str | int) -> int | str:
+    """``"per_epoch"`` or a count ``>= 0`` (from the command line's text or from Python)."""
+    if value == PER_EPOCH:
+        return PER_EPOCH
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if isinstance(value, bool) or count < 0 or str(count) != str(value).strip():
+        raise ValueError(f"views must be {PER_EPOCH!r} or an integer >= 0, got {value!r}")
+    return count
+
+
+def _option(help: str, *, parse: Any = None, **default: Any) -> Any:
+    """A TrainConfig field with its help text (the command line's flags are made from these; ``parse``
+    reads a flag whose type is not a plain int, float, bool or choice)."""
+    return field(metadata={"help": help, "parse": parse}, **default)
 
 
 @dataclass(frozen=True)
@@ -66,9 +97,30 @@ class TrainConfig:
     select: str = _option("weights to keep: the last epoch's, or the best validation epoch's (never test)", default="last")
     seed: int = _option("seed of the batch order and view draws", default=1)
     amp: bool = _option("bf16 autocast when training on CUDA", default=True)
+    drop_last: bool = _option(
+        "drop each epoch's last partial batch, as Dassl's training loader does (kept when all images fit in less "
+        "than one batch)", default=False,
+    )
+    # What the training images look like: read by the protocols when they fill the feature
+    # cache (fit() trains on the features it is given; see views there).
+    views: int | str = _option(
+        f"augmented views of each training image: {PER_EPOCH!r} (a fresh random crop and flip every epoch, as an "
+        "on-the-fly loader draws them: `epochs` views cached), V > 0 (V views cached, each epoch draws one per "
+        "image) or 0 (no augmentation)", default=0, parse=parse_views,
+    )
+    crop_scale: float = _option("smallest area fraction of the random resized crop (Dassl's 0.08; up to 1)", default=0.08)
+    interpolation: str = _option("resampling of the random resized crop", default="bicubic")
+    prompt: str = _option(
+        f"class prompts of the adapter: 'released' (RAda's {RELEASED_PROMPT!r} for every dataset) or 'dataset' "
+        "(the dataset's CoOp template); --template overrides both", default="dataset",
+    )
+    extract_amp: bool = _option("bf16 autocast when encoding images on CUDA (fp32 features when off)", default=True)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "views", parse_views(self.views))
         check_field_types(self)  # ints, finite floats, bools: NaN or "abc" never reaches an optimiser
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must lie in (0, 1], got {self.crop_scale}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -83,13 +135,32 @@ class TrainConfig:
         if not 0 <= self.seed < 1 << 63:
             raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
 
+    @property
+    def view_count(self) -> int:
+        """Augmented views cached per training image: 0 (none), V, or ``epochs`` for ``"per_epoch"``."""
+        return self.epochs if self.views == PER_EPOCH else self.views
 
-# The released set-ups (docs/methods.md). RAda: 5 epochs, cosine with one warm-up
-# epoch, batch 32, Adam; the YAML's lr of 5e-5 was overridden by the launch
-# scripts with values that were not released, so lr is ours (set it with lr=).
-# MMA: Adam 5e-3, weight decay 1e-4, batch 256, up to 200 epochs, early stopping
-# on validation accuracy with patience 20.
-_RADA = TrainConfig(epochs=5, batch_size=32, lr=1e-3, schedule="cosine", warmup_epochs=1)
+    @property
+    def augmentation(self) -> dict[str, Any]:
+        """What the training images go through, as ``run.json`` records it."""
+        if self.views == 0:
+            return {"kind": "none", "views": 0}
+        return {"kind": AUGMENTATION, "scale": [self.crop_scale, 1.0], "interpolation": self.interpolation,
+                "views": self.views}
+
+
+# The released set-ups (docs/methods.md section 8). RAda (khufia/RAda's base-to-new YAML on
+# Dassl): Adam, weight decay 5e-4, cosine with one constant warm-up epoch at 1e-5, the last
+# partial batch dropped, a fresh RandomResizedCrop(scale 0.08-1, bicubic) + flip of every
+# image every epoch, "a photo of a {}." prompts, fp32 features and training (CLIP cast to
+# fp32 on its CPU load). lr, batch and epochs came from the launch scripts' command line and
+# were never published: 1e-3, 32 and 5 are ours (32 and 5 are the YAML's own).
+# MMA (dqmis/clip-mma): Adam 5e-3, weight decay 1e-4, batch 256, up to 200 epochs, early
+# stopping on validation accuracy with patience 20, constant lr, no augmentation, CoOp's templates.
+_RADA = TrainConfig(
+    epochs=5, batch_size=32, lr=1e-3, weight_decay=5e-4, schedule="cosine", warmup_epochs=1, drop_last=True,
+    views=PER_EPOCH, prompt="released", amp=False, extract_amp=False,
+)
 _MMA = TrainConfig(
     epochs=200, batch_size=256, lr=5e-3, weight_decay=1e-4, schedule="constant", patience=20, select="best_val"
 )
@@ -164,6 +235,22 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return 0.5 * c.lr * (1 + math.cos(math.pi * (epoch - c.warmup_epochs) / c.epochs))
 
 
+def steps_per_epoch(config: TrainConfig, images: int) -> int:
+    """Optimiser steps in one epoch over ``images`` training images.
+
+    With ``drop_last`` the final partial batch is left out, as Dassl's training
+    loader does (``drop_last=is_train and len(data) >= batch_size``): a set smaller
+    than one batch still makes its one step.
+
+    Example:
+        >>> steps_per_epoch(preset("rada"), 8 * 16), steps_per_epoch(preset("mma"), 8 * 16)
+        (4, 1)
+    """
+    if config.drop_last and images >= config.batch_size:
+        return images // config.batch_size
+    return math.ceil(images / config.batch_size)
+
+
 def _optimizer(params: list[torch.nn.Parameter], c: TrainConfig) -> torch.optim.Optimizer:
     if c.optimizer == "sgd":
         return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
@@ -189,8 +276,25 @@ def _check_split(name: str, features: Tensor, labels: Tensor, classes: int) -> N
         )
 
 
+def _check_views(c: TrainConfig, features: Tensor) -> None:
+    """(N, V, D) features must be what ``c.views`` says: ``epochs`` views or more for ``"per_epoch"``, any V else."""
+    if features.dim() != 3:
+        return
+    if c.views == 0:
+        raise ValueError(
+            f"train_features hold {features.shape[1]} augmented views per image but the config has views=0 (no "
+            "augmentation); pass (N, D) features, or set views to 'per_epoch' or a count"
+        )
+    if c.views == PER_EPOCH and features.shape[1] < c.epochs:
+        raise ValueError(
+            f"views='per_epoch' trains epoch e on view e, so {c.epochs} epochs need {c.epochs} views per image; "
+            f"train_features hold {features.shape[1]}. Extract with views={c.epochs}, or set views to a count"
+        )
+
+
 def _check_inputs(model: AdaptedCLIP, c: TrainConfig, train: tuple[Tensor, Tensor], val: tuple | None) -> None:
     _check_split("train", *train, model.num_classes)
+    _check_views(c, train[0])
     if val is not None:
         _check_split("val", *val, model.num_classes)
     elif c.patience or c.select == "best_val":
@@ -277,10 +381,16 @@ class _Run:
         model.train()
         n = labels.shape[0]
         order = torch.randperm(n, generator=self.generator)
-        views = torch.randint(features.shape[1], (n,), generator=self.generator) if features.dim() == 3 else None
+        views = None  # (N,) view of each image this epoch
+        if features.dim() == 3:
+            if c.views == PER_EPOCH:  # view e is every image's fresh draw of epoch e
+                views = torch.full((n,), epoch, dtype=torch.long)
+            else:
+                views = torch.randint(features.shape[1], (n,), generator=self.generator)
         total = torch.zeros(2, dtype=torch.float64)  # summed loss, images
         use_amp = c.amp and device.type == "cuda"
-        for step, start in enumerate(range(0, n, c.batch_size)):
+        steps = steps_per_epoch(c, n)
+        for step, start in enumerate(range(0, steps * c.batch_size, c.batch_size)):
             batch = order[start : start + c.batch_size]
             local = batch[self.rank :: self.world]  # every rank takes its share of the same global batch
             value = 0.0
@@ -290,7 +400,7 @@ class _Run:
                     logits = model.logits_from_features(feats.to(device))
                     loss = classification_loss(logits, labels[local].to(device), model.regularization(), check=False)
                 value = float(loss.detach())
-            self.check_finite(value, epoch, step, -(-n // c.batch_size))  # before a NaN gradient reaches the weights
+            self.check_finite(value, epoch, step, steps)  # before a NaN gradient reaches the weights
             if len(local):
                 # mean over the global batch = sum over ranks of local means weighted by their share
                 (loss * (len(local) / len(batch))).backward()
@@ -363,15 +473,18 @@ def fit(
     """Train ``model``'s adapter on cached image features for its current classes.
 
     Each epoch visits the training images in a seeded random order, in batches
-    of ``config.batch_size``; the learning rate follows :func:`learning_rate`.
+    of ``config.batch_size`` (the last partial one dropped with ``drop_last``, see
+    :func:`steps_per_epoch`); the learning rate follows :func:`learning_rate`.
     The result depends only on the inputs and ``config`` (``seed`` included):
     the same call gives the same weights, and so does a run interrupted and
     resumed from ``out_dir``.
 
     Args:
         model: a wrapped CLIP with its (training) classes set.
-        train_features: raw image embeddings ``(N, D)``, or ``(N, V, D)`` with V
-            augmented views (each epoch draws one view per image, seeded).
+        train_features: raw image embeddings ``(N, D)`` (trained on as they are), or
+            ``(N, V, D)`` with V augmented views: with ``config.views="per_epoch"``
+            epoch ``e`` reads view ``e`` of every image (V >= epochs), with a count each
+            epoch draws one view per image (seeded).
         train_labels: ``(N,)`` class indices into the model's classes.
         config: see :func:`preset`.
         val_features, val_labels: the validation split ``(M, D)``, ``(M,)``, for

@@ -97,7 +97,7 @@ ROW_KEYS = {"dataset", "method", "seed", "base", "new", "hm", "all", "shots", "m
 def test_fit_writes_the_run_folder(mma_run):
     names = {p.name for p in mma_run.iterdir()}
     assert {"adapter.safetensors", "results.json", "results.md", "training.png", "adapter.png", "checkpoint.pt",
-            "train_config.json", "split", "cache"} <= names
+            "train_config.json", "run.json", "split", "cache"} <= names
     for picture in ("training.png", "adapter.png"):
         assert (mma_run / picture).read_bytes().startswith(b"\x89PNG")
     rows = read_results(mma_run)
@@ -179,6 +179,38 @@ def test_a_run_folder_in_use_is_refused(world, tmp_path, capsys):
     assert not (out / "adapter.safetensors").exists()
     run_ok(cli(world, "fit", "--epochs", "1", "--out", str(out)), capsys)  # released: the next run goes ahead
     assert not (out / runs.LOCK_FILE).exists()
+ISSUE_KEYS = {"method", "seed", "shots", "draw", "setting", "prompt_templates", "augmentation", "optimizer", "lr",
+              "weight_decay", "batch_size", "drop_last", "epochs", "warmup_epochs", "schedule", "feature_dtype", "model",
+              "pretrained", "rada_mma_version", "torch_version"}
+
+
+def test_run_json_says_what_ran(world, mma_run, tmp_path, capsys, caplog):
+    import rada_mma
+
+    record = json.loads((mma_run / "run.json").read_text())
+    assert ISSUE_KEYS <= set(record) and {"zero_shot_templates", "adapter", "steps_per_epoch"} <= set(record)
+    assert (record["method"], record["seed"], record["shots"], record["draw"], record["setting"]) == (
+        "mma", 1, 4, "coop", "base2new")
+    assert record["augmentation"] == {"kind": "none", "views": 0}
+    assert (record["epochs"], record["lr"], record["batch_size"], record["drop_last"]) == (3, 5e-3, 256, False)
+    assert (record["model"], record["pretrained"], record["rada_mma_version"]) == (
+        "tiny-cli-clip", world["weights"], rada_mma.__version__)
+    assert record["prompt_templates"] == record["zero_shot_templates"] == ["a photo of a {}."]
+    # RAda: the released recipe; and eval evaluates with the prompts the run recorded
+    out = tmp_path / "rada"
+    run_ok(cli(world, "fit", "--epochs", "2", "--template", "a drawing of a {}.", "--out", str(out)), capsys)
+    rada = json.loads((out / "run.json").read_text())
+    assert rada["augmentation"] == {"kind": "random_resized_crop+flip", "scale": [0.08, 1.0],
+                                    "interpolation": "bicubic", "views": "per_epoch"}
+    assert (rada["weight_decay"], rada["drop_last"], rada["feature_dtype"]) == (5e-4, True, "float32")
+    assert rada["prompt_templates"] == ["a drawing of a {}."] and rada["steps_per_epoch"] == 1  # 8 images < 32
+    fitted = read_results(out)[1]
+    (drawing,) = [p.name for p in (out / "cache").glob("all-classes-*")]  # the one prompt set fit used
+    with caplog.at_level(logging.INFO, logger="rada_mma.fewshot.cache"):
+        run_ok(cli(world, "eval", "--out", str(out)), capsys)
+    loaded = [r.getMessage() for r in caplog.records if "class text features" in r.getMessage()]
+    assert any(drawing in m for m in loaded), loaded  # the adapter's recorded prompts, not the preset's
+    assert read_results(out)[1] == fitted
 
 
 def test_fit_rada_and_options(world, tmp_path, capsys):
@@ -201,17 +233,21 @@ def test_extract_writes_the_caches_fit_reads(world, tmp_path, capsys, caplog):
     caches = tmp_path / "cache"
     out = run_ok(cli(world, "extract", "--shots", "0", "--cache-dir", str(caches), "--out", str(tmp_path / "x"),
                      shots=0), capsys)
-    assert {p.name for p in caches.iterdir()} == {"all-classes.safetensors", "all-train-v0.safetensors",
-                                                   "all-val-v0.safetensors", "all-test-v0.safetensors"}
+    names = {p.name for p in caches.iterdir()}
+    texts = [n for n in names if n.startswith("all-classes-")]  # one file per prompt set (here one: the default)
+    assert len(texts) == 1 and names - set(texts) == {"all-train-v0.safetensors", "all-val-v0.safetensors",
+                                                      "all-test-v0.safetensors"}
     assert f"in {caches}" in out
     assert load_features(caches / "all-train-v0.safetensors").image.shape == (24, 32)  # every training image
-    run_ok(cli(world, "extract", "--seed", "2", "--cache-dir", str(caches), "--out", str(tmp_path / "x")), capsys)
-    few = {"base-4shot-seed2-ceil-train-v0.safetensors", "base-4shot-seed2-ceil-val-v0.safetensors"}
-    assert few <= {p.name for p in caches.iterdir()}
-    assert load_features(caches / "base-4shot-seed2-ceil-train-v0.safetensors").image.shape == (8, 32)  # 2 classes x 4
+    # the few-shot draw with the preset's views: one fresh crop per image and epoch (2 epochs here)
+    run_ok(cli(world, "extract", "--seed", "2", "--epochs", "2", "--cache-dir", str(caches), "--out", str(tmp_path / "x")),
+           capsys)
+    train = "base-4shot-seed2-ceil-train-v2-rrc0.08-bicubic.safetensors"
+    assert {train, "base-4shot-seed2-ceil-val-v0.safetensors"} <= {p.name for p in caches.iterdir()}
+    assert load_features(caches / train).image.shape == (8, 2, 32)  # 2 classes x 4, 2 views
 
     with caplog.at_level(logging.INFO, logger="rada_mma.fewshot.cache"):
-        run_ok(cli(world, "fit", "--seed", "2", "--epochs", "1", "--cache-dir", str(caches),
+        run_ok(cli(world, "fit", "--seed", "2", "--epochs", "2", "--lr", "0.05", "--cache-dir", str(caches),
                    "--out", str(tmp_path / "fit")), capsys)
     messages = [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if m.startswith("cached ") or "stale" in m]  # nothing encoded again
@@ -224,7 +260,7 @@ def test_extract_defaults_to_the_shots_fit_uses(world, tmp_path, capsys):
         assert "training images per class; 0: all (default 16)" in help_text(command, capsys)
     caches = tmp_path / "cache"
     run_ok(cli(world, "extract", "--cache-dir", str(caches), "--out", str(tmp_path / "x"), shots=0), capsys)
-    assert "base-16shot-seed1-ceil-train-v0.safetensors" in {p.name for p in caches.iterdir()}
+    assert "base-16shot-seed1-ceil-train-v5-rrc0.08-bicubic.safetensors" in {p.name for p in caches.iterdir()}
 
 
 def help_text(command: str, capsys) -> str:
@@ -251,10 +287,15 @@ def test_bench_makes_one_table(world, tmp_path, capsys):
     assert "Published" not in table  # toy datasets are none of the 11
     for dataset in ("toy_a", "toy_b"):  # one cache per dataset, shared by its runs
         names = {p.name for p in (out / dataset / "cache").iterdir()}
-        assert {"all-test-v0.safetensors", "base-4shot-seed1-ceil-train-v0.safetensors",
-                "base-4shot-seed2-ceil-train-v0.safetensors"} <= names
+        assert {"all-test-v0.safetensors", "base-4shot-seed1-ceil-train-v1-rrc0.08-bicubic.safetensors",
+                "base-4shot-seed2-ceil-train-v1-rrc0.08-bicubic.safetensors"} <= names
         for seed in (1, 2):
             assert (out / dataset / f"rada-seed{seed}" / "adapter.safetensors").is_file()
+            # every row links to the record of the run it averages
+            assert f"[seed {seed}]({dataset}/rada-seed{seed}/run.json)" in table
+            assert json.loads((out / dataset / f"rada-seed{seed}" / "run.json").read_text())["seed"] == seed
+    assert {r["run"] for r in rows if r["dataset"] == "toy_a"} == {"toy_a/rada-seed1", "toy_a/rada-seed2"}
+    assert "run.json" not in stdout  # the printed table is for reading; results.md has the links
 
 
 # -- what a user runs into ---------------------------------------------------------------------
@@ -311,7 +352,7 @@ def test_errors_are_one_line_with_status_2(world, tmp_path, capsys):
         (cli(world, "fit", *out, "--weight-decay", "inf"), "--weight-decay must be a finite number, got inf"),
         (cli(world, "fit", *out, "--seed", str(2**70)), "seed must lie in [0, 2**63)"),
         (cli(world, "eval", *out, "--seed", str(2**70)), "seed must lie in [0, 2**63)"),
-        (cli(world, "fit", *out, shots=0) + ["--shots", "-3"], "shots and views must be >= 0"),
+        (cli(world, "fit", *out, shots=0) + ["--shots", "-3"], "shots must be >= 0 (0: every image), got -3"),
         (cli(world, "fit", *out, "--template", "a photo of {} and {}"), "must hold exactly one {}"),
     ]
     for argv, expected in cases:
@@ -422,10 +463,12 @@ def test_eval_takes_no_training_flags():
 
 FLAGS_0_1 = {  # every flag rada-mma 0.1 had, per command: each still parses
     "common": ["--model", "--pretrained", "--model-config", "--data", "--split-file", "--dataset", "--template",
-               "--shots", "--views", "--cache-dir", "--extract-batch-size", "--device", "--rounding", "--out"],
+               "--shots", "--cache-dir", "--extract-batch-size", "--device", "--rounding", "--out"],
+    # --views is now part of the training recipe (the presets set it): every command that trains or fills the
+    # training cache has it; eval, which never read it, does not
     "training": ["--option", "--epochs", "--lr", "--batch-size", "--weight-decay", "--patience", "--warmup-epochs",
-                 "--schedule", "--select", "--optimizer"],
-    "extract": ["--seed"], "fit": ["--method", "--seed"], "eval": ["--method", "--seed", "--adapter"],
+                 "--schedule", "--select", "--optimizer", "--views"],
+    "extract": ["--seed", "--views"], "fit": ["--method", "--seed"], "eval": ["--method", "--seed", "--adapter"],
     "bench": ["--methods", "--seeds"], "demo": ["--methods", "--seeds", "--tasks", "--world-dir", "--threads",
                                                 "--no-progress"],
 }

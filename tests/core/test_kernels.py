@@ -143,11 +143,15 @@ def test_rada_matches_released(batch, classes, dim, heads, temperature, softmax,
     temperature=TEMPERATURES,
     softmax=SOFTMAXES,
     path=PATHS,
+    init=st.sampled_from(["released", "blend", "small"]),
     seed=st.integers(0, 2**16),
 )
-@example(batch=3, classes=1, dim=40, temperature=1.0, softmax="flat", path="flash", seed=0)
-def test_rada_adapter_matches_released(batch, classes, dim, temperature, softmax, path, seed):
-    module = RationalMask(dim=dim, temperature=temperature, softmax=softmax, adapter_reduction=4)
+@example(batch=3, classes=1, dim=40, temperature=1.0, softmax="flat", path="flash", init="released", seed=0)
+@example(batch=3, classes=1, dim=40, temperature=1.0, softmax="flat", path="flash", init="blend", seed=0)
+def test_rada_adapter_matches_released(batch, classes, dim, temperature, softmax, path, init, seed):
+    """Each form against the authors' code: clip_adapter.py's residual adapters ("released", and "small",
+    which differs from it only in W2's start), and the blend that rada.py carries and adapter_mask.py runs."""
+    module = RationalMask(dim=dim, temperature=temperature, softmax=softmax, adapter_reduction=4, adapter_init=init)
     check_rada_parity(module, batch, classes, path, seed)
 
 
@@ -373,7 +377,8 @@ def test_flat_attention_gradcheck_float64(softmax):
 
 GRADCHECK_MODULES = {
     "rada": lambda: RationalMask(dim=16, heads=4),
-    "rada+adapter": lambda: RationalMask(dim=16, heads=4, adapter_reduction=4),
+    "rada+adapter": lambda: RationalMask(dim=16, heads=4, adapter_reduction=4, adapter_init="released"),
+    "rada+adapter blend": lambda: RationalMask(dim=16, heads=4, adapter_reduction=4, adapter_init="blend"),
     "mma": lambda: MultiModalAdapter(dim=16, heads=2),
     "mma-master": lambda: MultiModalAdapter(dim=16, heads=2, variant="master", hidden=8),
     "mma+rada": lambda: MMARationalMask(dim=16, heads=4, mma_heads=2),
@@ -724,10 +729,11 @@ def test_bad_module_options_raise_clear_errors():
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("adapter_reduction", [None, 4], ids=["rada", "rada+adapter"])
-def test_fresh_rada_is_zero_shot_clip(adapter_reduction):
-    # to_out starts at zero (and the adapters' up maps), so M ≡ 1 exactly
-    module = RationalMask(dim=64, adapter_reduction=adapter_reduction, generator=seeded(0))
+@pytest.mark.parametrize("options", [{}, {"adapter_reduction": 4, "adapter_init": "released"}],
+                         ids=["rada", "rada+adapter released"])
+def test_fresh_rada_is_zero_shot_clip(options):
+    # to_out starts at zero (and the released adapters' up maps), so M ≡ 1 exactly
+    module = RationalMask(dim=64, **options, generator=seeded(0))
     image, text = raw_features(3, 7, 64, seed=1)
     logits, mask = module(image, text, SCALE, return_mask=True)
     assert torch.equal(mask, torch.ones_like(mask))
@@ -750,6 +756,23 @@ def test_residual_adapter_starts_as_identity():
     assert adapter.down.weight.abs().sum() > 0  # only the up map is zero
 
 
+def test_adapter_forms_start_where_the_authors_code_starts():
+    x = torch.randn(5, 64, generator=seeded(1))
+    bound = 1 / 16**0.5  # nn.Linear's for the up map's 16 inputs
+    small = ResidualAdapter(dim=64, init="small", generator=seeded(0))
+    assert 0 < small.up.weight.abs().max() <= 1e-2 * bound and small.ratio is None
+    assert not torch.equal(small(x), x) and torch.allclose(small(x), x, atol=1e-2)  # a hair from the identity
+    blend = ResidualAdapter(dim=64, init="blend", ratio=0.2, generator=seeded(0))
+    assert blend.ratio.shape == () and blend.ratio.item() == pytest.approx(0.2)
+    assert blend.up.weight.abs().max() > 0.5 * bound  # nn.Linear's default, as adapter_mask.py leaves it
+    a = F.relu(F.relu(x @ blend.down.weight.T) @ blend.up.weight.T)
+    torch.testing.assert_close(blend(x), 0.2 * a + 0.8 * x)
+    module = RationalMask(dim=64, adapter_reduction=4, adapter_init="blend")
+    assert (module.image_adapter.ratio.item(), module.text_adapter.ratio.item()) == pytest.approx((0.2, 0.0))
+    with pytest.raises(ValueError, match="adapter_init must be one of"):
+        RationalMask(dim=64, adapter_reduction=4, adapter_init="zero")
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_generator_seed_fixes_parameters(method):
     config = AdapterConfig.for_method(method, 64)
@@ -758,5 +781,5 @@ def test_generator_seed_fixes_parameters(method):
         first.state_dict().items(), again.state_dict().values(), other.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), f"{name} differs for the same seed"
-        if a.abs().sum() > 0:  # zero-initialised tensors agree across seeds
+        if a.abs().sum() > 0 and a.dim() > 0:  # zero-initialised tensors and fixed blend ratios agree across seeds
             assert not torch.equal(a, c), f"{name} ignores the generator"

@@ -17,7 +17,7 @@ DIM = 32
 # Non-default sizes where the tensors must tell them: reduction, bottleneck, hidden.
 MAKERS = {
     "rada": lambda: RationalMask(dim=DIM),
-    "rada+adapter": lambda: RationalMask(dim=DIM, adapter_reduction=8, regularizer="mse"),
+    "rada+adapter": lambda: RationalMask(dim=DIM, adapter_reduction=8, regularizer="mse", adapter_init="released"),
     "mma": lambda: MultiModalAdapter(dim=DIM, bottleneck=12),
     "mma-master": lambda: MultiModalAdapter(dim=DIM, variant="master", hidden=8),
 }
@@ -68,6 +68,20 @@ def test_official_names_are_the_released_ones():
     assert adapters == {f"adapter_{side}.fc.{i}.weight" for side in ("image", "text") for i in (0, 2)}
     assert "adapter.mha.in_proj_weight" in official_state("mma")
     assert "adapter.upsampler.2.bias" in official_state("mma-master")
+
+
+def test_the_blend_form_is_named_and_recognised_as_the_authors_name_it():
+    """rada.py's commented-out lines and adapter_mask.py keep the blend weights as CustomCLIP.alpha and .beta."""
+    blend = randomize_(RationalMask(dim=DIM, adapter_reduction=8, adapter_init="blend"), seed=3)
+    state = to_official("rada+adapter", blend)
+    assert set(state) - set(official_state("rada+adapter")) == {"alpha", "beta"}
+    assert state["alpha"].shape == () and torch.equal(state["beta"], blend.text_adapter.ratio.detach())
+    module = from_official("rada+adapter", {f"model.{k}": v for k, v in state.items()})
+    assert module.config.adapter_init == "blend"
+    assert_same_state(module.state_dict(), blend.state_dict())
+    assert from_official("rada+adapter", official_state("rada+adapter")).config.adapter_init == "released"
+    # the tensors cannot tell "small" from "released": the option can
+    assert from_official("rada+adapter", official_state("rada+adapter"), adapter_init="small").config.adapter_init == "small"
 
 
 def test_options_the_tensors_cannot_tell_are_passed_through():

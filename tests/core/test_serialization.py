@@ -29,7 +29,7 @@ from tests.helpers import tiny_models as tm
 # Non-default options per method, so that a file that lost them could not round-trip.
 OPTIONS = {
     "rada": dict(heads=4, temperature=0.5, alpha=0.1),
-    "rada+adapter": dict(reduction=2, alpha=0.1),
+    "rada+adapter": dict(reduction=2, alpha=0.1, adapter_init="blend"),
     "mma": dict(bottleneck=16, blend=0.3),
     "mma-master": dict(hidden=16, mma_heads=2),
     "mma+rada": dict(heads=4, mma_heads=2, alpha=0.1, softmax="row"),
@@ -372,3 +372,22 @@ def test_training_only_options_do_not_block_loading(tmp_path):
     assert fresh.config.alpha == 0.0 and fresh.config.regularizer == "linf"
     f, h = torch.randn(3, 32), torch.randn(5, 32)
     assert torch.equal(fresh(f, h, 100.0), trained(f, h, 100.0))
+
+
+def test_rada_adapter_files_from_before_adapter_init_load_as_the_released_form(tmp_path):
+    """0.1 and 0.2 files hold no adapter_init: their adapters are the released W2 = 0 ones, and load as such."""
+    released = rada_mma.RationalMask(dim=32, adapter_reduction=4, adapter_init="released")
+    torch.nn.init.normal_(released.to_out.weight, std=0.1)
+    path = save_adapter(released, tmp_path / "new.safetensors")
+    with safe_open(str(path), "pt") as fh:
+        meta = dict(fh.metadata())
+    config = json.loads(meta["config"])
+    del config["adapter_init"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={**meta, "config": json.dumps(config)})
+    assert read_adapter_config(old).adapter_init == "released"
+    loaded = load_adapter(old)
+    f, h = torch.randn(3, 32), torch.randn(5, 32)
+    assert torch.equal(loaded(f, h, 100.0), released(f, h, 100.0))
+    with pytest.raises(ValueError, match="adapter_init"):  # the default form has no such file's tensors
+        load_adapter(old, rada_mma.RationalMask(dim=32, adapter_reduction=4, adapter_init="blend"))

@@ -382,10 +382,10 @@ def test_disable_adapter_is_reenabled_after_an_exception():
 
 
 @pytest.mark.parametrize("name", ["open_clip", "open_clip_siglip", "hf_clip"])
-@pytest.mark.parametrize("method", ["rada", "rada+adapter"])
-def test_fresh_rada_is_zero_shot(name, method):
-    """W_o (and the adapters' W_2) start at zero: the mask is exactly 1 and the logits zero-shot CLIP's."""
-    model, _ = wrapped(name, method)
+@pytest.mark.parametrize("method, options", [("rada", {}), ("rada+adapter", {"adapter_init": "released"})])
+def test_fresh_rada_is_zero_shot(name, method, options):
+    """W_o (and the released adapters' W_2) start at zero: the mask is exactly 1 and the logits zero-shot CLIP's."""
+    model, _ = wrapped(name, method, **options)
     x = tm.images(5)
     with torch.no_grad():
         logits = model(x)
@@ -424,23 +424,24 @@ def test_trainable_parameters_are_the_adapters(method, capsys):
     assert percent == pytest.approx(100 * trainable / total, abs=1e-4)
 
 
-# W_2 of the residual adapters starts at zero behind a ReLU, whose gradient at 0 is 0 in PyTorch:
-# neither map of the adapters ever gets a gradient, in the released code as here.
-STAY_AT_INIT = {
-    "rada+adapter": {f"{side}_adapter.{layer}.weight" for side in ("image", "text") for layer in ("down", "up")},
-}
+# The released form's W_2 starts at zero behind a ReLU, whose gradient at 0 is 0 in PyTorch:
+# neither map of its adapters ever gets a gradient, in the released code as here.
+STAY_AT_INIT = {f"{side}_adapter.{layer}.weight" for side in ("image", "text") for layer in ("down", "up")}
+ADAPTER_CASES = [(m, {}) for m in METHODS] + [("rada+adapter", {"adapter_init": "released"}),
+                                              ("rada+adapter", {"adapter_init": "blend"})]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_only_adapter_parameters_change(method):
-    options = dict(alpha=0.1) if method in RADA_FAMILY else {}
+@pytest.mark.parametrize("method, form", ADAPTER_CASES, ids=[m + "-" + "-".join(f.values()) for m, f in ADAPTER_CASES])
+def test_only_adapter_parameters_change(method, form):
+    options = dict(alpha=0.1, **form) if method in RADA_FAMILY else {}
     model, base = wrapped("open_clip", method, **options)
     x, y = tm.images(8), labels_for(4)
     base_before, adapter_before = clones(base), clones(model.adapter)
     features_before = model.class_features.clone()
     losses = tm.train_steps(model, x, y, 3)
     assert changed(base, base_before) == set()
-    assert changed(model.adapter, adapter_before) == set(adapter_before) - STAY_AT_INIT.get(method, set())
+    dead = STAY_AT_INIT if form.get("adapter_init") == "released" else set()
+    assert changed(model.adapter, adapter_before) == set(adapter_before) - dead
     assert torch.equal(model.class_features, features_before)
     losses += tm.train_steps(model, x, y, 17)
     # the tiny CLIP's class prompts are near-parallel: MMA (λ = 0.2) moves the loss the least

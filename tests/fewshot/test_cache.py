@@ -216,9 +216,11 @@ def test_default_augment_replaces_the_fixed_crop(preprocess):
     augment = default_augment(preprocess)
     kinds = [type(step) for step in augment.transforms]
     assert kinds[:2] == [T.RandomResizedCrop, T.RandomHorizontalFlip]
-    assert augment.transforms[0].size == (32, 32) and augment.transforms[0].scale == (0.5, 1.0)
+    assert augment.transforms[0].size == (32, 32) and augment.transforms[0].scale == (0.08, 1.0)
     assert augment.transforms[0].interpolation == T.InterpolationMode.BICUBIC
     assert kinds[2:] == [type(s) for s in preprocess.transforms[2:]]  # to RGB, to tensor, normalise
+    other = default_augment(preprocess, scale=(0.5, 1.0), interpolation="bilinear").transforms[0]
+    assert (other.scale, other.interpolation) == ((0.5, 1.0), T.InterpolationMode.BILINEAR)
     with pytest.raises(ValueError, match="pass augment="):
         default_augment(lambda image: image)
 

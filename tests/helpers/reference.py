@@ -69,7 +69,9 @@ class ReleasedRAdaAttention(nn.Module):
 
 
 class ReleasedResidualAdapter(nn.Module):
-    def __init__(self, dim: int, reduction: int = 4):
+    """The ``Adapter`` of the authors' trainers; ``clip_adapter.py`` zeroes its second layer, ``adapter_mask.py`` not."""
+
+    def __init__(self, dim: int, reduction: int = 4, zero_up: bool = True):
         super().__init__()
         self.fc = nn.Sequential(
             nn.Linear(dim, dim // reduction, bias=False),
@@ -77,25 +79,38 @@ class ReleasedResidualAdapter(nn.Module):
             nn.Linear(dim // reduction, dim, bias=False),
             nn.ReLU(inplace=False),
         )
-        nn.init.zeros_(self.fc[2].weight)
+        if zero_up:
+            nn.init.zeros_(self.fc[2].weight)
 
     def forward(self, x):
         return self.fc(x)
 
 
 class ReleasedRAda(nn.Module):
-    """RAda (optionally with residual adapters), loss = CE + alpha * reg(mask, 1)."""
+    """RAda, optionally with adapters, loss = CE + alpha * reg(mask, 1).
+
+    ``adapters``: ``False``; ``True`` (``clip_adapter.py``: ``f + A(f)``, ``A``'s second
+    layer zero); ``"blend"`` (the lines ``rada.py`` carries commented out and
+    ``adapter_mask.py`` runs: ``alpha·A(f) + (1 − alpha)·f``, ``beta`` on the text side,
+    ``alpha = 0.2``, ``beta = 0``, ``A`` at PyTorch's default initialisation).
+    """
 
     def __init__(self, dim, heads=8, temperature=1.0, adapters=False, softmax="flat"):
         super().__init__()
         self.mha = ReleasedRAdaAttention(dim, heads, temperature, softmax)
         self.adapters = adapters
         if adapters:
-            self.adapter_image = ReleasedResidualAdapter(dim)
-            self.adapter_text = ReleasedResidualAdapter(dim)
+            self.adapter_image = ReleasedResidualAdapter(dim, zero_up=adapters != "blend")
+            self.adapter_text = ReleasedResidualAdapter(dim, zero_up=adapters != "blend")
+        if adapters == "blend":
+            self.alpha = nn.Parameter(torch.tensor(0.2))
+            self.beta = nn.Parameter(torch.tensor(0.0))
 
     def forward(self, image_features, text_features, s):
-        if self.adapters:
+        if self.adapters == "blend":
+            image_features = self.alpha * self.adapter_image(image_features) + (1 - self.alpha) * image_features
+            text_features = self.beta * self.adapter_text(text_features) + (1 - self.beta) * text_features
+        elif self.adapters:
             image_features = image_features + self.adapter_image(image_features)
             text_features = text_features + self.adapter_text(text_features)
         f, h = _normalize(image_features), _normalize(text_features)

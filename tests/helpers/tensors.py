@@ -40,7 +40,8 @@ def randomize_(module: nn.Module, *, seed: int, gain: float = 1.0) -> nn.Module:
 
     The zero-initialised layers (RAda's ``to_out``, the adapters' up maps) would
     otherwise hide every error upstream of them: a zero output map makes the mask
-    exactly 1 whatever the attention computes.
+    exactly 1 whatever the attention computes. Blend ratios (RAda+Adapter's
+    ``"blend"`` form, one of which starts at 0) are drawn from ``U(0.1, 0.9)``.
     """
     g = seeded(seed)
     with torch.no_grad():
@@ -50,6 +51,8 @@ def randomize_(module: nn.Module, *, seed: int, gain: float = 1.0) -> nn.Module:
                 layer.weight.uniform_(-bound, bound, generator=g)
                 if layer.bias is not None:
                     layer.bias.uniform_(-bound, bound, generator=g)
+            elif getattr(layer, "ratio", None) is not None:
+                layer.ratio.uniform_(0.1, 0.9, generator=g)
     return module
 
 
@@ -73,9 +76,8 @@ def attention_path(path: str):
 def released_rada(module: RationalMask) -> reference.ReleasedRAda:
     """The literal released RAda (with adapters for "rada+adapter") holding ``module``'s weights."""
     c = module.config
-    ref = reference.ReleasedRAda(
-        c.dim, c.heads, c.temperature, adapters=c.method == "rada+adapter", softmax=c.softmax
-    )
+    adapters = c.method == "rada+adapter" and ("blend" if c.adapter_init == "blend" else True)
+    ref = reference.ReleasedRAda(c.dim, c.heads, c.temperature, adapters=adapters, softmax=c.softmax)
     ref.load_state_dict(to_official(c.method, module), strict=True)
     return ref
 
