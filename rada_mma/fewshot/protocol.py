@@ -32,7 +32,20 @@ from .evaluation import harmonic_mean, write_results
 from .models import load_clip, model_name
 from .train import FitResult, TrainConfig, accuracy, fit, preset
 
-__all__ = ["FeatureStore", "RunSpec", "extract", "run_base_to_new", "run_grid"]
+__all__ = [
+    "FeatureStore",
+    "RunSpec",
+    "dataset_runs",
+    "extract",
+    "maybe_plot",
+    "run_base_to_new",
+    "run_grid",
+    "run_folder",
+    "saved_adapter",
+    "train_on_store",
+    "wrapped_model",
+    "write_training",
+]
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +165,7 @@ class FeatureStore:
         )
 
 
-def _wrapped(spec: RunSpec) -> tuple[AdaptedCLIP, Callable, Callable]:
+def wrapped_model(spec: RunSpec) -> tuple[AdaptedCLIP, Callable, Callable]:
     clip, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
     generator = torch.Generator().manual_seed(spec.seed)
     model = wrap(clip, method=spec.method, generator=generator, **dict(spec.options))
@@ -176,14 +189,10 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
         ``base``, ``new`` (the new classes alone), ``hm`` and ``all`` (every
         test image among all classes), in percent.
     """
-    adapter_file = None if train else Path(spec.adapter).expanduser() if spec.adapter else spec.out_dir / ADAPTER_FILE
-    if adapter_file is not None and not adapter_file.is_file():
-        raise FileNotFoundError(
-            f"no adapter at {adapter_file}; train one first (rada-mma fit --out {spec.out}), or give adapter=FILE"
-        )
+    adapter_file = None if train else saved_adapter(spec)
     config = spec.train_config() if train else None
     run_data = _base_to_new_data(spec)
-    model, preprocess, tokenizer = _wrapped(spec)
+    model, preprocess, tokenizer = wrapped_model(spec)
     store = FeatureStore(spec, model, preprocess, tokenizer)
     text = store.texts(run_data.everything)  # (C, T, D)
     test = store.images(run_data.everything, "test", "all")
@@ -191,7 +200,7 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
     model.set_classes(text_features=text[: run_data.cut])
     result = None
     if train:
-        result = _train(spec, model, store, run_data.base, config)
+        result = train_on_store(spec, model, store, run_data.base, config)
     else:
         model.load_adapter(adapter_file)
     rows = _evaluate(spec, model, text, test, run_data)
@@ -199,6 +208,14 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
     if is_main():
         _write_run(spec, model, config, result, rows, run_data, test)
     return rows
+
+
+def saved_adapter(spec: RunSpec) -> Path:
+    """The adapter an evaluation loads: ``spec.adapter``, else ``OUT/adapter.safetensors``; an error when missing."""
+    path = Path(spec.adapter).expanduser() if spec.adapter else spec.out_dir / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter at {path}; train one first (rada-mma fit --out {spec.out}), or give adapter=FILE")
+    return path
 
 
 def _check_test_covers_both_halves(run_data: _Data, test: Features) -> None:
@@ -211,9 +228,13 @@ def _check_test_covers_both_halves(run_data: _Data, test: Features) -> None:
             )
 
 
-def _train(spec: RunSpec, model: AdaptedCLIP, store: FeatureStore, base: fsdata.Splits, config: TrainConfig) -> FitResult:
-    train = store.images(base, "train", store.few_shot_tag, views=spec.views)
-    val = store.images(base, "val", store.few_shot_tag) if base.val else None
+def train_on_store(spec: RunSpec, model: AdaptedCLIP, store: FeatureStore, base: fsdata.Splits, config: TrainConfig,
+                   tag: str | None = None) -> FitResult:
+    """:func:`fit` on the cached features of ``base``'s few-shot train (and val) images (cache ``tag``, default
+    the base-to-new draw's)."""
+    tag = tag or store.few_shot_tag
+    train = store.images(base, "train", tag, views=spec.views)
+    val = store.images(base, "val", tag) if base.val else None
     return fit(
         model, train.image, train.labels, config=config,
         val_features=None if val is None else val.image, val_labels=None if val is None else val.labels,
@@ -252,20 +273,28 @@ def _evaluate(spec: RunSpec, model: AdaptedCLIP, text: Tensor, test: Features, r
 def _write_run(spec: RunSpec, model: AdaptedCLIP, config: TrainConfig | None, result: FitResult | None,
                rows: list[dict[str, Any]], run_data: _Data, test: Features) -> None:
     """The run folder: adapter, training configuration, plots, results."""
-    from .plots import plot_adapter, plot_history
+    from .plots import plot_adapter
 
     out = spec.out_dir
-    if config is not None:
-        model.save_adapter(out / ADAPTER_FILE, overwrite=True)
-        write_json(out / "train_config.json", dataclasses.asdict(config))
-        if result is not None and result.history:
-            _maybe_plot(plot_history, result.history, out / "training.png", title=f"{run_data.everything.name} {spec.method}")
+    write_training(spec, model, config, result, title=f"{run_data.everything.name} {spec.method}")
     base_images = test.image[test.labels < run_data.cut]
-    _maybe_plot(plot_adapter, model, base_images, out / "adapter.png", classnames=run_data.base.classnames)
+    maybe_plot(plot_adapter, model, base_images, out / "adapter.png", classnames=run_data.base.classnames)
     write_results(rows, out)
 
 
-def _maybe_plot(fn: Callable, *args: Any, **kwargs: Any) -> None:
+def write_training(spec: RunSpec, model: AdaptedCLIP, config: TrainConfig | None, result: FitResult | None, *,
+                   title: str) -> None:
+    """A trained run's adapter, training configuration and training curves (nothing for an evaluation)."""
+    from .plots import plot_history
+
+    if config is not None:
+        model.save_adapter(spec.out_dir / ADAPTER_FILE, overwrite=True)
+        write_json(spec.out_dir / "train_config.json", dataclasses.asdict(config))
+        if result is not None and result.history:
+            maybe_plot(plot_history, result.history, spec.out_dir / "training.png", title=title)
+
+
+def maybe_plot(fn: Callable, *args: Any, **kwargs: Any) -> None:
     try:
         fn(*args, **kwargs)
     except ImportError as err:
@@ -278,6 +307,17 @@ def _maybe_plot(fn: Callable, *args: Any, **kwargs: Any) -> None:
 def run_folder(out: Path, dataset: str, method: str, seed: int) -> Path:
     """Where one run of a grid writes: ``OUT/<dataset>/<method>-seed<seed>`` (``+`` written ``_``)."""
     return out / dataset / f"{method.replace('+', '_')}-seed{seed}"
+
+
+def dataset_runs(spec: RunSpec, datasets: Sequence[tuple[str, str | None]], out: Path) -> list[tuple[str, str | None, str, Path]]:
+    """Per ``(data, name)`` of a grid: the data, its name, its folder under ``out`` (the name, else the data
+    folder's) and the feature cache its runs share (``out/<folder>/cache``, or ``spec.cache_dir/<folder>``)."""
+    runs = []
+    for data_path, name in datasets:
+        folder = name or Path(data_path).expanduser().name
+        cache = Path(spec.cache_dir).expanduser() / folder if spec.cache_dir else out / folder / "cache"
+        runs.append((str(data_path), name, folder, cache))
+    return runs
 
 
 def run_grid(
@@ -307,9 +347,7 @@ def run_grid(
     """
     out = Path(out).expanduser()
     rows: list[dict[str, Any]] = []
-    for data_path, name in datasets:
-        folder = name or Path(data_path).expanduser().name
-        cache = Path(spec.cache_dir).expanduser() / folder if spec.cache_dir else out / folder / "cache"
+    for data_path, name, folder, cache in dataset_runs(spec, datasets, out):
         for seed in seeds:
             for index, method in enumerate(methods):
                 run = spec.replace(data=str(data_path), dataset=name, method=method, seed=seed,
@@ -321,7 +359,7 @@ def run_grid(
         from .plots import plot_summary
 
         write_results(rows, out)
-        _maybe_plot(plot_summary, rows, out / "results.png")
+        maybe_plot(plot_summary, rows, out / "results.png")
     return rows
 
 
@@ -335,6 +373,8 @@ def extract(spec: RunSpec) -> list[Tensor]:
     written = [store.texts(splits)]
     if splits.test:
         written.append(store.images(splits, "test", "all").image)
+    if not splits.train:  # a test-only dataset (a target such as ImageNet-A) has nothing more to encode
+        return written
     if spec.shots:
         drawn = fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=spec.out_dir / "split")
         part, tag = fsdata.subsample_classes(drawn, "base", rounding=spec.rounding), store.few_shot_tag
