@@ -96,6 +96,7 @@ def _write(spec: RunSpec, model: AdaptedCLIP, rows: list[dict[str, Any]], test: 
     """The run folder: adapter and training curves (when trained), ``adapter.png``, results, ``run.json``."""
     from .plots import plot_adapter
 
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
     write_training(spec, model, config, result, title=f"{rows[0]['dataset']} {spec.method}")
     maybe_plot(plot_adapter, model, test.image, spec.out_dir / "adapter.png", classnames=classnames)
     write_results(rows, spec.out_dir)

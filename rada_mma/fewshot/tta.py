@@ -333,7 +333,7 @@ def run_tta(spec: RunSpec, config: TTAConfig = TTAConfig(), *, source: str | Non
     if is_main():
         from .plots import plot_tta
 
-        write_results(rows, spec.out_dir)
+        write_results(rows, spec.out_dir)  # creates the folder
         maybe_plot(plot_tta, done.before, done.after, done.labels, spec.out_dir / "tta.png",
                    title=f"{done.dataset} {spec.method}")
         write_run_record(spec, spec.out_dir, setting="tta", dataset=done.dataset, source=source,
