@@ -29,7 +29,7 @@ from .protocol import FeatureStore, RunSpec, extract, run_base_to_new, run_grid
 from .record import read_run_record, write_run_record
 from .settings import evaluate, run_all_classes, run_shot_sweep, run_transfer, run_transfer_grid
 from .train import PRESETS, FitResult, TrainConfig, accuracy, fit, learning_rate, preset
-from .tta import TTAConfig, adapt_dataset, run_tta, run_tta_grid, test_time_adapt
+from .tta import TTAConfig, adapt_and_predict, adapt_dataset, run_tta, run_tta_grid
 
 __all__ = [
     "DATASETS",
@@ -74,7 +74,7 @@ __all__ = [
     "subsample_classes",
     "summarize",
     "templates_for",
-    "test_time_adapt",
+    "adapt_and_predict",
     "write_results",
     "write_run_record",
 ]

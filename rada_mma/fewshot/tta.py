@@ -10,7 +10,7 @@ lr 5e-3 (:class:`TTAConfig`).
 The backbone is frozen, so each view goes through the image encoder once, into the feature cache
 (:func:`rada_mma.fewshot.extract_image_features`, chunks of :data:`CHUNK` images, each view seeded by the
 image and its index, so every run and every method shares the same views); the adaptation then runs on an
-image's N view embeddings in one pass through the adapter. :func:`test_time_adapt` works on such
+image's N view embeddings in one pass through the adapter. :func:`adapt_and_predict` works on such
 embeddings; :func:`run_tta` is ``rada-mma eval --tta``; :func:`run_tta_grid` is ``bench --setting tta``.
 
 >>> rows = run_tta(RunSpec(data="~/data/imagenet-adversarial", out="runs/a-tta", method="rada",
@@ -63,7 +63,7 @@ __all__ = [
     "confident_views",
     "run_tta",
     "run_tta_grid",
-    "test_time_adapt",
+    "adapt_and_predict",
     "view_augment",
 ]
 
@@ -109,7 +109,7 @@ class TTAConfig:
 
 @dataclass
 class TTAResult:
-    """What :func:`test_time_adapt` gives: the original images' logits before and after adaptation."""
+    """What :func:`adapt_and_predict` gives: the original images' logits before and after adaptation."""
 
     before: Tensor  # (N, K): the adapter as given, on the original image
     after: Tensor  # (N, K): after the image's adaptation
@@ -140,7 +140,7 @@ def confident_views(logits: Tensor, count: int) -> Tensor:
 # -- adaptation on embeddings -------------------------------------------------------------------------
 
 
-def test_time_adapt(model: AdaptedCLIP, views: Tensor, *, config: TTAConfig = TTAConfig(),
+def adapt_and_predict(model: AdaptedCLIP, views: Tensor, *, config: TTAConfig = TTAConfig(),
                     progress: bool = False) -> TTAResult:
     """Adapt to each image on its own and predict it; the model is as it was after the call.
 
@@ -239,12 +239,12 @@ def _views_of(spec: RunSpec, store: FeatureStore, splits: fsdata.Splits, origina
 
 
 def _adapt_shared(model: AdaptedCLIP, views: Tensor, config: TTAConfig, progress: bool) -> TTAResult:
-    """:func:`test_time_adapt` with the images shared among ``torchrun`` ranks (every rank gets every result)."""
+    """:func:`adapt_and_predict` with the images shared among ``torchrun`` ranks (every rank gets every result)."""
     rank, world = rank_world()
     if world == 1:
-        return test_time_adapt(model, views, config=config, progress=progress)
+        return adapt_and_predict(model, views, config=config, progress=progress)
     mine = torch.arange(rank, views.shape[0], world)
-    part = test_time_adapt(model, views[mine], config=config, progress=progress)
+    part = adapt_and_predict(model, views[mine], config=config, progress=progress)
     before, after = torch.zeros(views.shape[0], model.num_classes), torch.zeros(views.shape[0], model.num_classes)
     before[mine], after[mine] = part.before, part.after
     device = next(model.adapter.parameters()).device
