@@ -179,7 +179,7 @@ def plot_shots(rows: Sequence[dict], path: str | os.PathLike, *, title: str = ""
         ax.set_ylabel("accuracy (%)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    axes[0][0].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
