@@ -16,6 +16,10 @@ is drawn: the pretraining style (``Style()``) fills the shape on a flat
 background; the downstream few-shot tasks (:data:`TASKS`) draw in a style the
 pretraining never saw (thick outlines), and their classes are shape-colour
 pairs, some of which the pretraining never showed together (:data:`HELD_OUT`).
+The other settings add targets beside them: :data:`TARGETS`, a task with other
+classes (texture + shape) for cross-dataset transfer, and :data:`SHIFTS`,
+WorldShapes' classes in four held-out styles (test images only) for domain
+generalisation and test-time training, as ImageNet's variants are for ImageNet.
 
 Rendering is vectorised in torch (every image of a batch at once, 2×
 supersampled) and seeded: the same scenes, style and seed give the same bytes.

@@ -73,12 +73,15 @@ def plot_adapter(
     *,
     classnames: Sequence[str] | None = None,
     max_images: int = 256,
+    max_classes: int = 64,
 ) -> Path:
     """What the adapter does on these images, saved as a PNG.
 
     RAda family: the mask averaged over images, ``(K, D)``, with its mean per
     class beside it. MMA: each image's attention over the K classes (averaged
-    over heads), images sorted by their most attended class.
+    over heads), images sorted by their most attended class. The adapter runs
+    over every class; the first ``max_classes`` are drawn (ImageNet's 1000 would
+    make a figure hundreds of inches tall).
     """
     plt = _pyplot()
     feats = image_features[:max_images]
@@ -90,13 +93,15 @@ def plot_adapter(
     scale = model.logit_scale()
     adapter = model.adapter
     names = list(classnames) if classnames is not None else [str(i) for i in range(text.shape[0])]
+    shown = f" (the first {max_classes} of {len(names)} classes)" if len(names) > max_classes else ""
+    names = names[:max_classes]
     if adapter.has_mask:
         _, mask = adapter(feats, text, scale, return_mask=True)
-        mean = mask.mean(0).float().cpu().numpy()  # (K, D)
+        mean = mask.mean(0)[:max_classes].float().cpu().numpy()  # (K, D)
         fig, (ax, bar) = plt.subplots(1, 2, figsize=(10, 0.25 * len(names) + 2), gridspec_kw={"width_ratios": [4, 1]})
         im = ax.imshow(mean, aspect="auto", cmap="coolwarm", vmin=0, vmax=max(2.0, float(mean.max())))
         ax.set_xlabel("embedding dimension")
-        ax.set_title("mean mask over images (1 = zero-shot)")
+        ax.set_title("mean mask over images (1 = zero-shot)" + shown)
         fig.colorbar(im, ax=ax)
         bar.barh(range(len(names)), mean.mean(1))
         bar.axvline(1.0, color="k", lw=0.8)
@@ -107,13 +112,14 @@ def plot_adapter(
         bar.invert_yaxis()
     else:
         attn = adapter.image_attention(kernels.normalize(feats), kernels.normalize(text)).mean(1).cpu()  # (B, K)
+        attn = attn[:, :max_classes]
         order = attn.argmax(-1).argsort()
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names) + 2), 5))
         im = ax.imshow(attn[order].numpy(), aspect="auto", cmap="viridis")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=90, fontsize=7)
         ax.set_ylabel("image")
-        ax.set_title("image token's attention over classes (mean over heads)")
+        ax.set_title("image token's attention over classes (mean over heads)" + shown)
         fig.colorbar(im, ax=ax)
     return save_figure(fig, path)
 
@@ -199,7 +205,7 @@ def plot_targets(
     targets = list(dict.fromkeys(r["dataset"] for r in labelled))
     labels = list(dict.fromkeys(r["label"] for r in labelled))
     cells = {(e["label"], e["dataset"]): e for e in accuracy_summary(labelled, ("label", "dataset"))}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(targets) * max(1, len(labels)) / 2 + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * len(targets) + 2), 4.6))
     width = 0.8 / len(labels)
     for j, name in enumerate(labels):
         xs = [i + (j - (len(labels) - 1) / 2) * width for i, t in enumerate(targets) if (name, t) in cells]
@@ -212,7 +218,7 @@ def plot_targets(
     ax.set_xticklabels(targets, rotation=15, fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(len(labels), 3), frameon=False)
     ax.set_title(title or "accuracy per target")
     return save_figure(fig, path)
 

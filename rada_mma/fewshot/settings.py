@@ -86,9 +86,10 @@ def _accuracies(model: AdaptedCLIP, test: Features) -> tuple[float, float]:
 
 
 def _rows(spec: RunSpec, common: dict[str, Any], zero: float, adapted: float, shots: int) -> list[dict[str, Any]]:
-    base = {"seed": spec.seed, "model": model_name(spec.model, spec.model_config), **common}
-    return [{"method": "zero-shot", **base, "shots": 0, "accuracy": zero},
-            {"method": spec.method, **base, "shots": shots, "accuracy": adapted}]
+    """Zero-shot's row and the adapter's: ``common`` (setting, dataset, source), then the run, then the score."""
+    model = model_name(spec.model, spec.model_config)
+    return [{**common, "method": method, "seed": spec.seed, "shots": k, "model": model, "accuracy": score}
+            for method, k, score in (("zero-shot", 0, zero), (spec.method, shots, adapted))]
 
 
 def _write(spec: RunSpec, model: AdaptedCLIP, rows: list[dict[str, Any]], test: Features, classnames: list[str], *,

@@ -320,14 +320,14 @@ def run_tta(spec: RunSpec, config: TTAConfig = TTAConfig(), *, source: str | Non
     done = adapt_dataset(spec, config)
     zero_start = torch.allclose(done.before, done.zero_shot, rtol=1e-4, atol=1e-3)  # RAda's W_o = 0: exactly
     start = "few-shot" if adapter_file else "zero-shot" if zero_start else "init"
-    common = {"setting": "tta", "dataset": done.dataset, "source": source, "seed": spec.seed,
-              "model": model_name(spec.model, spec.model_config), "classes": done.num_classes}
-    rows = [{"method": "zero-shot", **common, "tta": False, "start": "zero-shot",
+    common = {"setting": "tta", "dataset": done.dataset, "source": source, "classes": done.num_classes}
+    run = {"seed": spec.seed, "model": model_name(spec.model, spec.model_config)}
+    rows = [{**common, "method": "zero-shot", **run, "tta": False, "start": "zero-shot",
              "accuracy": _percent(done.zero_shot, done.labels)}]
     if adapter_file is not None:
-        rows.append({"method": spec.method, **common, "tta": False, "start": "few-shot",
+        rows.append({**common, "method": spec.method, **run, "tta": False, "start": "few-shot",
                      "accuracy": _percent(done.before, done.labels)})
-    rows.append({"method": spec.method, **common, "tta": True, "start": start,
+    rows.append({**common, "method": spec.method, **run, "tta": True, "start": start,
                  "accuracy": _percent(done.after, done.labels), "seconds_per_image": done.seconds_per_image,
                  "tta_config": dataclasses.asdict(done.config)})
     if is_main():
