@@ -61,6 +61,7 @@ __all__ = [
     "adapt_dataset",
     "average_entropy",
     "confident_views",
+    "kept_views",
     "run_tta",
     "run_tta_grid",
     "adapt_and_predict",
@@ -103,8 +104,13 @@ class TTAConfig:
 
     @property
     def kept(self) -> int:
-        """How many views an image keeps: ``int(views · keep)`` as TPT takes it, at least one."""
-        return max(1, int(self.views * self.keep))
+        """How many of its ``views`` an image keeps: ``int(views · keep)`` as TPT takes it, at least one."""
+        return kept_views(self.views, self.keep)
+
+
+def kept_views(views: int, keep: float) -> int:
+    """``int(views · keep)`` (TPT: 6 of 64 at 0.1), at least one (TPT's would keep none of 8 at 0.1)."""
+    return max(1, int(views * keep))
 
 
 @dataclass
@@ -141,7 +147,7 @@ def confident_views(logits: Tensor, count: int) -> Tensor:
 
 
 def adapt_and_predict(model: AdaptedCLIP, views: Tensor, *, config: TTAConfig = TTAConfig(),
-                    progress: bool = False) -> TTAResult:
+                      progress: bool = False, shard: bool = False) -> TTAResult:
     """Adapt to each image on its own and predict it; the model is as it was after the call.
 
     Args:
@@ -150,6 +156,8 @@ def adapt_and_predict(model: AdaptedCLIP, views: Tensor, *, config: TTAConfig = 
             views only, so its prediction does not depend on the other images.
         config: the views kept, steps, learning rate (``config.views`` is not used: V is ``views.shape[1]``).
         progress: show a progress bar.
+        shard: under ``torchrun``, rank ``r`` adapts images ``r, r + W, ...`` and every rank gets every
+            image's logits (the same as one process computes); ``seconds_per_image`` is the mean over ranks.
 
     Returns:
         :class:`TTAResult` with the logits ``(N, K)`` of the original images before and after adaptation.
@@ -160,12 +168,14 @@ def adapt_and_predict(model: AdaptedCLIP, views: Tensor, *, config: TTAConfig = 
     if views.dim() != 3 or views.shape[0] == 0 or views.shape[-1] != model.adapter.dim:
         raise ValueError(f"views must be (N, V, D) embeddings with N > 0 and D = {model.adapter.dim}, got "
                          f"{tuple(views.shape)}")
+    if shard and rank_world()[1] > 1:
+        return _sharded(model, views, config, progress)
     adapter = model.adapter
     params = [p for p in adapter.parameters() if p.requires_grad]
     device = next(adapter.parameters()).device
     saved = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
     grads, was_training = [p.grad for p in params], model.training
-    count = max(1, int(views.shape[1] * config.keep))
+    count = kept_views(views.shape[1], config.keep)
     before = torch.empty(views.shape[0], model.num_classes)
     after = torch.empty_like(before)
     images = range(views.shape[0])
@@ -213,8 +223,8 @@ def view_augment(kind: str, preprocess: Any, dataset: str | None = None) -> tupl
     torchvision's ``AugMix(severity=1, all_ops=False)`` (TPT's operations and severity) after them; ``"auto"``
     picks crops for ImageNet and its variants, AugMix otherwise, as TPT does."""
     if kind == "auto":
-        imagenet = dataset in IMAGENET_VARIANTS or (find_dataset(dataset) is not None and find_dataset(dataset).name == "ImageNet")
-        kind = "crop" if imagenet else "augmix"
+        info = find_dataset(dataset)
+        kind = "crop" if dataset in IMAGENET_VARIANTS or (info is not None and info.name == "ImageNet") else "augmix"
     crops = default_augment(preprocess, scale=(0.08, 1.0))
     if kind == "augmix":
         from torchvision import transforms as T
@@ -238,14 +248,14 @@ def _views_of(spec: RunSpec, store: FeatureStore, splits: fsdata.Splits, origina
     return torch.cat([original[:, None], augmented.image], 1)
 
 
-def _adapt_shared(model: AdaptedCLIP, views: Tensor, config: TTAConfig, progress: bool) -> TTAResult:
+def _sharded(model: AdaptedCLIP, views: Tensor, config: TTAConfig, progress: bool) -> TTAResult:
     """:func:`adapt_and_predict` with the images shared among ``torchrun`` ranks (every rank gets every result)."""
     rank, world = rank_world()
-    if world == 1:
-        return adapt_and_predict(model, views, config=config, progress=progress)
     mine = torch.arange(rank, views.shape[0], world)
-    part = adapt_and_predict(model, views[mine], config=config, progress=progress)
     before, after = torch.zeros(views.shape[0], model.num_classes), torch.zeros(views.shape[0], model.num_classes)
+    part = TTAResult(before[:0], after[:0], 0.0)  # a rank without images (fewer images than ranks) adds nothing
+    if len(mine):
+        part = adapt_and_predict(model, views[mine], config=config, progress=progress)
     before[mine], after[mine] = part.before, part.after
     device = next(model.adapter.parameters()).device
     seconds = all_reduce_sum(torch.tensor([part.seconds_per_image * len(mine)], dtype=torch.float64), device)
@@ -287,7 +297,7 @@ def adapt_dataset(spec: RunSpec, config: TTAConfig = TTAConfig()) -> TTAOutcome:
     parts = []
     for start in range(0, len(test), CHUNK):
         views = _views_of(spec, store, splits, test.image[start : start + CHUNK], start, config, kind, augment)
-        parts.append(_adapt_shared(model, views, config, progress=spec.progress and is_main()))
+        parts.append(adapt_and_predict(model, views, config=config, progress=spec.progress and is_main(), shard=True))
     with torch.no_grad(), model.disable_adapter():
         device = next(model.adapter.parameters()).device
         zero = torch.cat([model.logits_from_features(test.image[i : i + CHUNK].to(device)).cpu()
