@@ -184,7 +184,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 def cmd_extract(args: argparse.Namespace) -> None:
     spec = spec_from_args(args)
-    written = extract(spec)
+    written = extract(spec, setting=args.setting)
     if distributed.is_main():
         shapes = ", ".join(str(tuple(t.shape)) for t in written)
         print(f"features {shapes} in {spec.cache_folder()}")
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, default_help=need)
     _add_data(p)
     p.add_argument("--seed", type=int, default=1, help="seed of the few-shot draw whose images are encoded (default 1)")
+    p.add_argument("--setting", choices=("base2new", "all"), default="base2new",
+                   help="whose training images to encode: the base classes' (default) or every class's (fit --setting all)")
     _add_out(p, help="run folder (the few-shot draw goes to OUT/split, the cache to OUT/cache unless --cache-dir)")
     p.set_defaults(func=cmd_extract)
 

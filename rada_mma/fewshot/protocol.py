@@ -149,6 +149,11 @@ class FeatureStore:
         s = self.spec
         return f"base-{s.shots}shot-seed{s.seed}-{s.rounding}"
 
+    @property
+    def all_classes_tag(self) -> str:
+        """The few-shot draw of every class (the all-class setting's training images)."""
+        return f"all-{self.spec.shots}shot-seed{self.spec.seed}"
+
     def images(self, splits: fsdata.Splits, part: str, tag: str, views: int = 0) -> Features:
         return extract_image_features(
             self.model, splits, splits.split(part), self.preprocess, views=views,
@@ -363,10 +368,10 @@ def run_grid(
     return rows
 
 
-def extract(spec: RunSpec) -> list[Tensor]:
+def extract(spec: RunSpec, *, setting: str = "base2new") -> list[Tensor]:
     """Fill the cache ``fit``, ``eval`` and ``bench`` read: the class texts and test images of every class,
-    and the few-shot training (and validation) images of the base classes (every training image when
-    ``spec.shots`` is 0). Returns the feature tensors."""
+    and the few-shot training (and validation) images of the base classes (of every class with
+    ``setting="all"``; every training image when ``spec.shots`` is 0). Returns the feature tensors."""
     splits = load_splits(spec)
     model, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
     store = FeatureStore(spec, wrap(model, method="rada"), preprocess, tokenizer)  # the encoders only
@@ -378,6 +383,8 @@ def extract(spec: RunSpec) -> list[Tensor]:
     if spec.shots:
         drawn = fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=spec.out_dir / "split")
         part, tag = fsdata.subsample_classes(drawn, "base", rounding=spec.rounding), store.few_shot_tag
+        if setting == "all":
+            part, tag = drawn, store.all_classes_tag
     else:
         part, tag = splits, "all"
     written.append(store.images(part, "train", tag, views=spec.views).image)

@@ -124,7 +124,7 @@ def run_all_classes(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
     model.set_classes(text_features=text)
     result = None
     if train:
-        result = train_on_store(spec, model, store, splits, config, tag=f"all-{spec.shots}shot-seed{spec.seed}")
+        result = train_on_store(spec, model, store, splits, config, tag=store.all_classes_tag)
     else:
         model.load_adapter(adapter_file)
     common = {"setting": "all", "dataset": splits.name, "classes": splits.num_classes}

@@ -3,6 +3,8 @@ with --tta, bench over a shot sweep and a transfer/test-time grid, and the error
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -45,10 +47,14 @@ def run_error(argv: list[str], capsys) -> str:
     return lines[0]
 
 
-def test_fit_all_then_eval_elsewhere_and_at_test_time(setup, tmp_path, capsys):
-    model, fit = setup["model"], tmp_path / "fit"
-    out = run_ok(["fit", *model, "--data", setup["a"], "--setting", "all", "--shots", "2", "--epochs", "1",
-                  "--out", str(fit)], capsys)
+def test_fit_all_then_eval_elsewhere_and_at_test_time(setup, tmp_path, capsys, caplog):
+    model, fit, cache = setup["model"], tmp_path / "fit", ["--cache-dir", str(tmp_path / "cache")]
+    run_ok(["extract", *model, "--data", setup["a"], "--setting", "all", "--shots", "2", *cache,
+            "--out", str(tmp_path / "x")], capsys)
+    with caplog.at_level(logging.INFO, logger="rada_mma.fewshot.cache"):
+        out = run_ok(["fit", *model, "--data", setup["a"], "--setting", "all", "--shots", "2", "--epochs", "1", *cache,
+                      "--out", str(fit)], capsys)
+    assert not [r for r in caplog.records if r.getMessage().startswith("cached ")]  # extract encoded all of it
     assert "| toy_a | rada |" in out and "2-shot" in out
     adapter = str(fit / "adapter.safetensors")
     out = run_ok(["eval", *model, "--data", setup["b"], "--adapter", adapter, "--out", str(tmp_path / "b")], capsys)
