@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method(p, many=True)
     _add_training(p)
     _add_tta(p)
-    _add_out(p, help="folder of the runs (OUT/<dataset>/<method>-seed<N>) and the table")
+    _add_out(p, help="folder of the runs (OUT/<dataset>/<run>-seed<N>), the table and the plot")
     p.set_defaults(func=cmd_bench)
 
     _add_demo(sub)

@@ -207,13 +207,14 @@ def plot_targets(
     cells = {(e["label"], e["dataset"]): e for e in accuracy_summary(labelled, ("label", "dataset"))}
     fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * len(targets) + 2), 4.6))
     width = 0.8 / len(labels)
+    colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20").colors
     for j, name in enumerate(labels):
         xs = [i + (j - (len(labels) - 1) / 2) * width for i, t in enumerate(targets) if (name, t) in cells]
         got = [cells[(name, t)] for t in targets if (name, t) in cells]
         means = [e["accuracy"] for e in got]
         whiskers = [[m - e["spread"][0] for m, e in zip(means, got, strict=True)],
                     [e["spread"][1] - m for m, e in zip(means, got, strict=True)]]
-        ax.bar(xs, means, width, yerr=whiskers, capsize=2, label=name)
+        ax.bar(xs, means, width, yerr=whiskers, capsize=2, label=name, color=colours[j % len(colours)])
     ax.set_xticks(range(len(targets)))
     ax.set_xticklabels(targets, rotation=15, fontsize=8)
     ax.set_ylabel("accuracy (%)")
