@@ -14,6 +14,11 @@ cache, so each image is encoded once.
 ``bench``), ``results.png`` (base / new / HM per method with the spread over
 seeds), ``world.png`` (the pretraining style beside each task's style), the
 data, and one run folder per (task, method, seed) with its adapter and plots.
+
+With ``setting=`` the same grid runs the papers' other protocols on the world
+(:data:`DEMO_SETTINGS`): every class of WorldShapes over 1-16 shots, transfer to
+``world.TARGETS``, domain generalisation to ``world.SHIFTS`` and test-time
+training on them, through :mod:`rada_mma.fewshot.settings` and :mod:`rada_mma.fewshot.tta`.
 """
 
 from __future__ import annotations
@@ -171,8 +176,9 @@ def write_samples(tasks: Sequence[world.Task], path: Path, *, per_row: int = 10)
     g = torch.Generator().manual_seed(0)
     rows = [world.render(world.sample_scenes(per_row, generator=g), generator=g)]
     for task in tasks:
-        data = task.render("test", per_class=1)
-        rows.append(data.images[:per_row])
+        images = task.render("test", per_class=1).images[:per_row]
+        blank = torch.full((per_row - len(images), *images.shape[1:]), 255, dtype=torch.uint8)
+        rows.append(torch.cat([images, blank]))  # a task with fewer classes than a row keeps its own row
     sheet = world.contact_sheet(torch.cat(rows), columns=per_row)
     sheet = sheet.resize((sheet.width * 2, sheet.height * 2))
     return atomic_write(path, _png(sheet))
