@@ -186,3 +186,18 @@ def test_tta_predictions_do_not_depend_on_batch_size_or_order(toy, tmp_path):
     predictions = [{i.source: int(p) for i, p in zip(o.items, o.after.argmax(-1), strict=True)} for o in outcomes]
     assert predictions[0] == predictions[1] == predictions[2]
     assert outcomes[2].items[0] == outcomes[0].items[-1]
+
+
+def test_imagenet_variants_load_as_coops_classes_read_them(tmp_path):
+    listing = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
+    v2 = runs.variant_layout(tmp_path / "imagenetv2", "imagenetv2-matched-frequency-format-val", {"0": 0, "2": 2},
+                             listing, count=2)
+    splits = load_data(v2)
+    assert splits.name == "ImageNetV2" and splits.classnames == ["tench", "goldfish", "great white shark"]
+    assert sorted({i.label for i in splits.test}) == [0, 2]  # the folder is the label, the class set all 1000 (3)
+    sketch = runs.variant_layout(tmp_path / "imagenet-sketch", "images", {w: i for i, w in enumerate(listing)},
+                                 listing, count=1)
+    assert load_data(sketch).name == "ImageNetSketch"
+    (tmp_path / "imagenet-r" / "imagenet-r" / "n01443537").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="copy ImageNet's classnames.txt there"):
+        load_data(tmp_path / "imagenet-r")
