@@ -166,6 +166,8 @@ def run_transfer(spec: RunSpec, *, source: str | None = None, setting: str = "tr
             f"{adapter_file.parent} has no run.json naming the dataset the adapter was trained on; give source=NAME"
         )
     splits = load_splits(spec)
+    log.info("%s adapter %s (trained on %s) on %s: %d test images, %d classes", setting, adapter_file, source,
+             splits.name, len(splits.test), splits.num_classes)
     model, preprocess, tokenizer = wrapped_model(spec)
     store = FeatureStore(spec, model, preprocess, tokenizer)
     text, test = store.texts(splits), store.images(splits, "test", "all")

@@ -157,7 +157,8 @@ def adapt_and_predict(model: AdaptedCLIP, views: Tensor, *, config: TTAConfig = 
         config: the views kept, steps, learning rate (``config.views`` is not used: V is ``views.shape[1]``).
         progress: show a progress bar.
         shard: under ``torchrun``, rank ``r`` adapts images ``r, r + W, ...`` and every rank gets every
-            image's logits (the same as one process computes); ``seconds_per_image`` is the mean over ranks.
+            image's logits (the same as one process computes); ``seconds_per_image`` is each image's time on
+            its rank, averaged over the images.
 
     Returns:
         :class:`TTAResult` with the logits ``(N, K)`` of the original images before and after adaptation.
@@ -294,6 +295,8 @@ def adapt_dataset(spec: RunSpec, config: TTAConfig = TTAConfig()) -> TTAOutcome:
     model.set_classes(text_features=store.texts(splits))
     test = store.images(splits, "test", "all")
     kind, augment = view_augment(config.augment, preprocess, splits.name)
+    log.info("test-time training on %s: %d images, %d views each (%s), %d kept, %d step(s) at lr %g", splits.name,
+             len(test), config.views, kind, kept_views(config.views, config.keep), config.steps, config.lr)
     parts = []
     for start in range(0, len(test), CHUNK):
         views = _views_of(spec, store, splits, test.image[start : start + CHUNK], start, config, kind, augment)
