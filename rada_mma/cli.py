@@ -23,19 +23,31 @@ from typing import Any
 import torch
 
 from .config import METHODS
-from .demo import DEMO_METHODS, WORLD_MODEL, gains, published_table, run_demo, with_world_clip, world
+from .demo import (
+    DEMO_METHODS,
+    DEMO_SETTINGS,
+    WORLD_MODEL,
+    gains,
+    planned_runs,
+    published_table,
+    run_demo,
+    with_world_clip,
+    world,
+)
 from .fewshot import distributed
 from .fewshot.cache import DATA_HASHES
 from .fewshot.evaluation import markdown_table
 from .fewshot.models import RANDOM_WEIGHTS
 from .fewshot.protocol import DRAWS, RunSpec, extract, run_base_to_new, run_grid
+from .fewshot.settings import BENCH_SETTINGS, evaluate, run_all_classes, run_shot_sweep, run_transfer_grid
 from .fewshot.train import CHOICES, TrainConfig
+from .fewshot.tta import AUGMENTS, TTAConfig, run_tta, run_tta_grid
 
 log = logging.getLogger("rada_mma")
 
 # Python argument names in library errors, as the flags that set them
 _FLAGS = {name: "--" + name.replace("_", "-") for name in (
-    "model_config", "split_file", "cache_dir", "pretrained", "adapter", "device", "model", "data", "shots",
+    "model_config", "split_file", "cache_dir", "pretrained", "adapter", "device", "model", "data", "shots", "source",
     "extract_batch_size", "data_hash", "batch_size", "weight_decay", "warmup_epochs", "warmup_lr",
 )}
 _FLAGS["out_dir"] = _FLAGS["out"] = "--out"
@@ -66,7 +78,11 @@ def _add_data(p: argparse.ArgumentParser, *, many: bool = False, required: bool 
     g.add_argument("--dataset", default=None, help="dataset name for templates and class names (default: detected)")
     g.add_argument("--template", action="append", default=None,
                    help="prompt template with {}; repeat for an ensemble (default: the dataset's)")
-    g.add_argument("--shots", type=int, default=16, help="training images per class; 0: all (default 16)")
+    if many:  # bench: a sweep of shots in the all-class setting
+        g.add_argument("--shots", type=int, nargs="+", default=[16],
+                       help="training images per class; 0: all (default 16); several with --setting all (a sweep)")
+    else:
+        g.add_argument("--shots", type=int, default=16, help="training images per class; 0: all (default 16)")
     g.add_argument("--draw", choices=DRAWS, default="coop",
                    help="few-shot draw: coop (Dassl's: K per class, then the base half; default) or mma (MMA's: the "
                         "base half, then a stratified draw of K x C training and K x C validation images from the "
@@ -125,6 +141,27 @@ def _flag_type(parse: Any) -> Any:
     return convert
 
 
+def _add_tta(p: argparse.ArgumentParser, *, switch: bool = False) -> None:
+    """One ``--tta-*`` flag per TTAConfig field (TPT's defaults); ``--tta`` itself where it is a choice (eval)."""
+    g = p.add_argument_group("test-time training (TPT's protocol, on the adapter's parameters)")
+    if switch:
+        g.add_argument("--tta", action="store_true",
+                       help="test-time training on each test image (without --adapter: from the method's initial "
+                            "weights, for rada exactly zero-shot CLIP)")
+    for f in dataclasses.fields(TTAConfig):
+        flag, help = "--tta-" + f.name.replace("_", "-"), f.metadata["help"] + f" (default {f.default})"
+        if f.name == "augment":
+            g.add_argument(flag, choices=AUGMENTS, default=None, help=help)
+        else:
+            g.add_argument(flag, type={"int": int, "float": float}[f.type], default=None, help=help)
+
+
+def tta_from_args(args: argparse.Namespace) -> TTAConfig:
+    """The test-time training the ``--tta-*`` flags ask for (TPT's defaults for the others)."""
+    given = {f.name: getattr(args, "tta_" + f.name, None) for f in dataclasses.fields(TTAConfig)}
+    return TTAConfig(**{k: v for k, v in given.items() if v is not None})
+
+
 def _add_out(p: argparse.ArgumentParser, *, default: str | None = None, help: str = "run folder") -> None:
     p.add_argument("--out", required=default is None, default=default, help=help)
 
@@ -155,7 +192,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     data = args.data[0] if isinstance(args.data, list) else args.data
     spec = RunSpec(
         data=data, out=args.out, method=getattr(args, "method", "rada"), seed=getattr(args, "seed", 1),
-        shots=args.shots, model=args.model, pretrained=args.pretrained, model_config=args.model_config,
+        shots=args.shots[0] if isinstance(args.shots, list) else args.shots, model=args.model,
+        pretrained=args.pretrained, model_config=args.model_config,
         split_file=args.split_file, dataset=args.dataset, templates=tuple(args.template) if args.template else None,
         draw=args.draw, rounding=args.rounding, cache_dir=args.cache_dir, data_hash=args.data_hash,
         extract_batch_size=args.extract_batch_size, device=args.device, options=_adapter_options(args),
@@ -169,29 +207,57 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 def cmd_extract(args: argparse.Namespace) -> None:
     spec = spec_from_args(args)
-    written = extract(spec)
+    written = extract(spec, setting=args.setting)
     if distributed.is_main():
         shapes = ", ".join(str(tuple(t.shape)) for t in written)
         print(f"features {shapes} in {spec.cache_folder()}")
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    rows = run_base_to_new(spec_from_args(args))
+    spec = spec_from_args(args)
+    rows = run_all_classes(spec) if args.setting == "all" else run_base_to_new(spec)
     if distributed.is_main():
         print(markdown_table(rows))
         print(f"adapter, results and plots in {args.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    rows = run_base_to_new(spec_from_args(args), train=False)
+    spec = spec_from_args(args)
+    if args.tta:
+        if args.setting is not None:
+            raise ValueError("--tta is a setting of its own (rows with setting 'tta'); leave --setting out")
+        rows = run_tta(spec, tta_from_args(args), source=args.source)
+    else:
+        rows = evaluate(spec, setting=args.setting, source=args.source)
     if distributed.is_main():
         print(markdown_table(rows))
 
 
+def _bench_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The grid ``bench --setting`` asks for."""
+    spec, grid = spec_from_args(args), {"methods": args.methods, "seeds": args.seeds, "out": args.out}
+    if args.setting != "all" and len(args.shots) > 1:
+        raise ValueError(f"--shots takes one value with --setting {args.setting}; a sweep of shots is --setting all")
+    if args.setting in ("base2new", "all"):
+        if not args.data:
+            raise ValueError(f"--setting {args.setting} needs --data (the datasets)")
+        datasets = [(path, args.dataset) for path in args.data]
+        if args.setting == "all":
+            return run_shot_sweep(spec, datasets, shots=args.shots, **grid)
+        return run_grid(spec, datasets, **grid)
+    if not args.targets or (args.setting != "tta" and not args.source):
+        raise ValueError(f"--setting {args.setting} needs --source DATA (trained on, all classes) and --targets DATA "
+                         "... (evaluated on); with --setting tta --source is optional (the † rows)")
+    targets = [(path, None) for path in args.targets]
+    source = (args.source, args.dataset) if args.source else None
+    if args.setting == "tta":
+        return run_tta_grid(spec, targets, source=source, config=tta_from_args(args), **grid)
+    return run_transfer_grid(spec, source, targets, setting=BENCH_SETTINGS[args.setting], **grid)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
-    """Every (dataset, seed, method) as one run folder; zero-shot once per (dataset, seed); one table."""
-    datasets = [(path, args.dataset) for path in args.data]
-    rows = run_grid(spec_from_args(args), datasets, methods=args.methods, seeds=args.seeds, out=args.out)
+    """Every run of the setting's grid as one run folder; zero-shot once per (dataset, seed); one table."""
+    rows = _bench_rows(args)
     if distributed.is_main():
         out = Path(args.out)
         print(markdown_table(rows, runs=False))
@@ -199,34 +265,37 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """``rada-mma demo``: run, then print the table beside the published averages."""
+    """``rada-mma demo``: run, then print the table (base-to-new: beside the published averages)."""
     from tqdm.auto import tqdm
 
     started = time.time()
     spec = with_world_clip(spec_from_args(args))
-    total = len(args.seeds) * len(args.methods) * (1 if args.data else len(args.tasks))
+    out = Path(args.out or ("runs/demo" if args.setting == "base2new" else f"runs/demo-{args.setting}"))
+    total = planned_runs(args.setting, args.methods, args.seeds, [args.data] if args.data else args.tasks)
     with tqdm(total=total, desc="demo runs", unit="run", disable=not args.progress) as bar:
         def on_run(run: RunSpec) -> None:
             bar.set_postfix_str(f"{Path(run.out).parent.name} {run.method} seed {run.seed}")
             bar.update()
 
-        rows = run_demo(spec.replace(progress=False), out=args.out, methods=args.methods, seeds=args.seeds,
-                        tasks=args.tasks, world_dir=args.world_dir, on_run=on_run)
+        rows = run_demo(spec.replace(progress=False), out=out, methods=args.methods, seeds=args.seeds,
+                        tasks=args.tasks, world_dir=args.world_dir, on_run=on_run, setting=args.setting,
+                        tta=tta_from_args(args))
     print()
     print(markdown_table(rows, published=False, runs=False))
-    changes = ", ".join(f"{m} {b:+.1f} / {h:+.1f}" for (_, m), (b, h) in gains(rows).items())
-    print(f"Change over zero-shot (base / HM points, mean over seeds {', '.join(map(str, args.seeds))}): {changes}")
-    print()
-    print("For orientation only, the papers' published averages over 11 real datasets (ViT-B/16, 16 shots);")
-    print("the world is a demonstration, not a benchmark, and its numbers are not comparable:")
-    print()
-    print(published_table(["zero-shot", *args.methods]))
+    if args.setting == "base2new":
+        changes = ", ".join(f"{m} {b:+.1f} / {h:+.1f}" for (_, m), (b, h) in gains(rows).items())
+        print(f"Change over zero-shot (base / HM points, mean over seeds {', '.join(map(str, args.seeds))}): {changes}")
+        print()
+        print("For orientation only, the papers' published averages over 11 real datasets (ViT-B/16, 16 shots);")
+        print("the world is a demonstration, not a benchmark, and its numbers are not comparable:")
+        print()
+        print(published_table(["zero-shot", *args.methods]))
     clip = "the shipped world CLIP" if spec.model_config and Path(spec.model_config).stem == WORLD_MODEL else spec.model
     data = "the world's tasks" if not args.data else str(args.data)
     minutes = (time.time() - started) / 60
-    out = Path(args.out)
-    print(f"{len(rows)} rows ({clip} on {data}) in {minutes:.1f} min. In {out}: results.json, results.md and "
-          f"results.png (the methods side by side); each run's adapter and plots in {out}/<dataset>/<method>-seed<N>/")
+    runs = "<dataset>/<method>-seed<N>/" if args.setting == "base2new" else "<dataset>/<run>-seed<N>/"
+    print(f"{len(rows)} rows ({clip} on {data}, setting {args.setting}) in {minutes:.1f} min. In {out}: results.json, "
+          f"results.md and results.png (the methods side by side); each run's folder in {out}/{runs}")
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -245,13 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the method whose preset says which prompts and augmented views fit will read (default rada)")
     p.add_argument("--seed", type=int, default=1,
                    help="seed of the few-shot draw and the augmented views whose images are encoded (default 1)")
+    p.add_argument("--setting", choices=("base2new", "all"), default="base2new",
+                   help="whose training images to encode: the base classes' (default) or every class's (fit --setting all)")
     _add_training(p)
     _add_out(p, help="run folder (the few-shot draw goes to OUT/split, the cache to OUT/cache unless --cache-dir)")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("fit", help="train an adapter on the base classes; evaluate base, new and zero-shot")
+    p = sub.add_parser("fit", help="train an adapter on the base classes (or every class); evaluate it and zero-shot")
     _add_model(p, default_help=need)
     _add_data(p)
+    p.add_argument("--setting", choices=("base2new", "all"), default="base2new",
+                   help="base2new: train on the base classes, test base and new (default); all: train and test on "
+                        "every class (CoOp's few-shot setting)")
     _add_method(p)
     _add_training(p)
     _add_out(p)
@@ -263,15 +337,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method(p)
     p.add_argument("--adapter", default=None,
                    help="the adapter file to evaluate (default OUT/adapter.safetensors, written by fit)")
+    p.add_argument("--setting", choices=("base2new", "all", "transfer", "dg"), default=None,
+                   help="base2new, all (every class), transfer (every class of --data, another dataset than the "
+                        "adapter's) or dg (the same, for a domain shift); default: from the adapter's run.json "
+                        "(its own setting in its own folder, transfer elsewhere; base2new without one)")
+    p.add_argument("--source", default=None,
+                   help="for transfer and test-time rows: the dataset the adapter was trained on (default: its run.json)")
+    _add_tta(p, switch=True)
     _add_out(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="base-to-new over several datasets, methods and seeds; one table")
+    p = sub.add_parser("bench", help="a setting over several datasets, methods and seeds; one table, one plot")
     _add_model(p, default_help=need)
-    _add_data(p, many=True)
+    _add_data(p, many=True, required=False)
+    g = p.add_argument_group("setting")
+    g.add_argument("--setting", choices=tuple(BENCH_SETTINGS), default="base2new",
+                   help="base2new (default) or all (a sweep over --shots) on each --data; cross-dataset, dg or tta: "
+                        "train on every class of --source, evaluate on every --targets (tta: with test-time training, "
+                        "also from the untrained adapter)")
+    g.add_argument("--source", default=None, help="cross-dataset, dg, tta: the dataset folder trained on (e.g. ImageNet)")
+    g.add_argument("--targets", nargs="+", default=None, help="cross-dataset, dg, tta: the dataset folders evaluated on")
     _add_method(p, many=True)
     _add_training(p)
-    _add_out(p, help="folder of the runs (OUT/<dataset>/<method>-seed<N>) and the table")
+    _add_tta(p)
+    _add_out(p, help="folder of the runs (OUT/<dataset>/<run>-seed<N>), the table and the plot")
     p.set_defaults(func=cmd_bench)
 
     _add_demo(sub)
@@ -291,12 +380,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     _add_model(p, default_help=f"default: the shipped {WORLD_MODEL}")
     _add_data(p, required=False)
+    p.add_argument("--setting", choices=DEMO_SETTINGS, default="base2new",
+                   help="base2new (default); all: every class, 1 2 4 8 16 shots; cross-dataset: trained on WorldShapes, "
+                        "tested on WorldTextures; dg: tested on WorldShapes in four held-out styles; tta: test-time "
+                        "training on those styles")
     p.add_argument("--tasks", nargs="+", default=list(world.TASKS), choices=list(world.TASKS),
                    help="the world's tasks to run (without --data)")
     p.add_argument("--world-dir", default=None, help="where the world's tasks are written (default OUT/data)")
     _add_method(p, many=True, default_methods=DEMO_METHODS)
     _add_training(p)
-    _add_out(p, default="runs/demo", help="output folder (default runs/demo)")
+    _add_tta(p)
+    p.add_argument("--out", default=None, help="output folder (default runs/demo; runs/demo-<setting> for the others)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the demo's run counter")
     p.set_defaults(func=cmd_demo)
 

@@ -14,10 +14,16 @@ cache, so each image is encoded once.
 ``bench``), ``results.png`` (base / new / HM per method with the spread over
 seeds), ``world.png`` (the pretraining style beside each task's style), the
 data, and one run folder per (task, method, seed) with its adapter and plots.
+
+With ``setting=`` the same grid runs the papers' other protocols on the world
+(:data:`DEMO_SETTINGS`): every class of WorldShapes over 1-16 shots, transfer to
+``world.TARGETS``, domain generalisation to ``world.SHIFTS`` and test-time
+training on them, through :mod:`rada_mma.fewshot.settings` and :mod:`rada_mma.fewshot.tta`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,16 +37,21 @@ import torch
 from ..fewshot.evaluation import PUBLISHED, summarize
 from ..fewshot.models import load_clip
 from ..fewshot.protocol import RunSpec, run_grid
+from ..fewshot.settings import run_shot_sweep, run_transfer_grid
+from ..fewshot.tta import TTAConfig, run_tta_grid
 from ..io import atomic_write, make_staging_folder, replace_folder, write_json
 from . import world
 
 __all__ = [
     "DEMO_METHODS",
+    "DEMO_SETTINGS",
+    "DEMO_SHOTS",
     "WORLD_CONFIG",
     "WORLD_MODEL",
     "WORLD_WEIGHTS",
     "gains",
     "load_world_clip",
+    "planned_runs",
     "published_table",
     "run_demo",
     "with_world_clip",
@@ -51,6 +62,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEMO_METHODS = ("rada", "mma", "rada+adapter", "mma+rada")
+DEMO_SETTINGS = ("base2new", "all", "cross-dataset", "dg", "tta")
+DEMO_SHOTS = (1, 2, 4, 8, 16)  # the all-class setting's sweep, as the papers plot it
+DEMO_SOURCE = "WorldShapes"  # what the transfer, domain-generalisation and test-time settings train on
 ASSETS = Path(__file__).resolve().parent / "assets"
 WORLD_MODEL = "world-clip"  # open_clip names the model after its config file
 WORLD_CONFIG = ASSETS / "world-clip.json"
@@ -162,8 +176,9 @@ def write_samples(tasks: Sequence[world.Task], path: Path, *, per_row: int = 10)
     g = torch.Generator().manual_seed(0)
     rows = [world.render(world.sample_scenes(per_row, generator=g), generator=g)]
     for task in tasks:
-        data = task.render("test", per_class=1)
-        rows.append(data.images[:per_row])
+        images = task.render("test", per_class=1).images[:per_row]
+        blank = torch.full((per_row - len(images), *images.shape[1:]), 255, dtype=torch.uint8)
+        rows.append(torch.cat([images, blank]))  # a task with fewer classes than a row keeps its own row
     sheet = world.contact_sheet(torch.cat(rows), columns=per_row)
     sheet = sheet.resize((sheet.width * 2, sheet.height * 2))
     return atomic_write(path, _png(sheet))
@@ -181,34 +196,69 @@ def run_demo(
     tasks: Sequence[str] = tuple(world.TASKS),
     world_dir: str | Path | None = None,
     on_run: Callable[[RunSpec], None] | None = None,
+    setting: str = "base2new",
+    tta: TTAConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Every (task, method, seed) as one base-to-new run; rows for ``results.json`` (zero-shot once per seed).
+    """Every (task, method, seed) as one run of ``setting``; rows for ``results.json`` (zero-shot once per seed).
 
     Args:
         spec: what every run shares (shots, training overrides, ...). Without a
             model it runs on the shipped world CLIP (:func:`with_world_clip`);
-            with ``data`` it runs on that dataset instead of the world's tasks.
+            with ``data`` it runs on that dataset instead of the world's tasks (base-to-new and all-class only).
         out: the demo's folder: results, ``results.png``, ``world.png``, data, run folders.
         methods, seeds: the grid.
-        tasks: the world's tasks to run (names in :data:`world.TASKS`), without ``spec.data``.
+        tasks: the world's tasks to run (names in :data:`world.TASKS`) for base-to-new, without ``spec.data``.
         world_dir: where the tasks are written (default ``OUT/data``).
         on_run: called with each run's spec before it starts.
+        setting: ``"base2new"`` (the default: every task's base and new classes); ``"all"`` (every class of
+            each task, :data:`DEMO_SHOTS` shots); ``"cross-dataset"`` (trained on WorldShapes' classes,
+            evaluated on :data:`world.TARGETS`); ``"dg"`` (the same adapters on :data:`world.SHIFTS`,
+            WorldShapes in held-out styles); ``"tta"`` (test-time training on the shifts, from the untrained
+            adapter and from the WorldShapes adapter).
+        tta: the test-time training of ``"tta"`` (default TPT's, with crops as for ImageNet's variants).
 
     Returns:
-        The rows written to ``OUT/results.json``: one ``zero-shot`` row per (dataset, seed) and one row
-        per (dataset, method, seed), each with ``base``, ``new``, ``hm`` and ``all``.
+        The rows written to ``OUT/results.json``: for base-to-new one ``zero-shot`` row per (dataset, seed) and
+        one row per (dataset, method, seed), each with ``base``, ``new``, ``hm`` and ``all``; the other
+        settings' rows (:mod:`rada_mma.fewshot.evaluation`).
     """
+    if setting not in DEMO_SETTINGS:
+        raise ValueError(f"setting must be one of {', '.join(DEMO_SETTINGS)}, got {setting!r}")
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     spec = with_world_clip(spec)
+    folder = Path(world_dir).expanduser() if world_dir else out / "data"
+    grid = {"methods": methods, "seeds": seeds, "out": out, "on_run": on_run}
+    if setting in ("base2new", "all"):
+        if spec.data:
+            datasets = [(spec.data, spec.dataset)]
+        else:
+            chosen = [world.TASKS[name] for name in tasks]
+            datasets = [(str(write_task(task, folder)), task.name) for task in chosen]
+            write_samples(chosen, out / "world.png")
+        if setting == "all":
+            return run_shot_sweep(spec, datasets, shots=DEMO_SHOTS, **grid)
+        return run_grid(spec, datasets, **grid)
     if spec.data:
-        datasets = [(spec.data, spec.dataset)]
-    else:
-        chosen = [world.TASKS[name] for name in tasks]
-        folder = Path(world_dir).expanduser() if world_dir else out / "data"
-        datasets = [(str(write_task(task, folder)), task.name) for task in chosen]
-        write_samples(chosen, out / "world.png")
-    return run_grid(spec, datasets, methods=methods, seeds=seeds, out=out, on_run=on_run)
+        raise ValueError(f"the demo's {setting} setting runs on the world; for your data run rada-mma bench "
+                         "--setting with --source and --targets")
+    targets = world.TARGETS if setting == "cross-dataset" else world.SHIFTS
+    chosen = [world.TASKS[DEMO_SOURCE], *targets.values()]
+    (source, *written) = [(str(write_task(task, folder)), task.name) for task in chosen]
+    write_samples(chosen, out / "world.png")
+    if setting == "tta":
+        tta = tta or TTAConfig(augment="crop")
+        if tta.augment == "auto":  # the shifts stand for ImageNet's variants, where TPT uses crops
+            tta = dataclasses.replace(tta, augment="crop")
+        return run_tta_grid(spec, written, source=source, config=tta, **grid)
+    return run_transfer_grid(spec, source, written, setting="transfer" if setting == "cross-dataset" else "dg", **grid)
+
+
+def planned_runs(setting: str, methods: Sequence[str], seeds: Sequence[int], tasks: Sequence[str]) -> int:
+    """How many runs (trainings and evaluations) :func:`run_demo` makes, for a progress bar."""
+    per = {"base2new": len(tasks), "all": len(DEMO_SHOTS), "cross-dataset": 1 + len(world.TARGETS),
+           "dg": 1 + len(world.SHIFTS), "tta": 1 + 2 * len(world.SHIFTS)}[setting]
+    return per * len(methods) * len(seeds)
 
 
 def published_table(methods: Sequence[str]) -> str:

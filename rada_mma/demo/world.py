@@ -16,6 +16,10 @@ is drawn: the pretraining style (``Style()``) fills the shape on a flat
 background; the downstream few-shot tasks (:data:`TASKS`) draw in a style the
 pretraining never saw (thick outlines), and their classes are shape-colour
 pairs, some of which the pretraining never showed together (:data:`HELD_OUT`).
+The other settings add targets beside them: :data:`TARGETS`, a task with other
+classes (texture + shape) for cross-dataset transfer, and :data:`SHIFTS`,
+WorldShapes' classes in four held-out styles (test images only) for domain
+generalisation and test-time training, as ImageNet's variants are for ImageNet.
 
 Rendering is vectorised in torch (every image of a batch at once, 2×
 supersampled) and seeded: the same scenes, style and seed give the same bytes.
@@ -45,9 +49,11 @@ __all__ = [
     "IMAGE_SIZE",
     "POSITIONS",
     "SHAPES",
+    "SHIFTS",
     "SIZES",
     "Scenes",
     "Style",
+    "TARGETS",
     "TASKS",
     "TEXTURES",
     "Task",
@@ -540,5 +546,51 @@ TASKS: dict[str, Task] = {
             seed=1,
             description="colour + shape, drawn as thick outlines (pretraining only saw filled shapes)",
         ),
+    )
+}
+
+
+# -- other settings' data ------------------------------------------------------------------------
+# Added beside TASKS, which stays what the base-to-new demo runs: every image above is unchanged.
+
+
+def _subset(task: Task, labels: slice) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """Some of ``task``'s classes in its own order, as ImageNet-A and -R hold 200 of ImageNet's 1000."""
+    return task.classes[labels]
+
+
+_SHAPES_TASK = TASKS["WorldShapes"]
+
+# A cross-dataset target: other classes (texture + shape, four shapes WorldShapes does not use), drawn in the
+# same thick-outline style. The pretraining named every texture, but never on an outline.
+TARGETS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            name="WorldTextures",
+            classes=tuple((("texture", t), ("shape", s)) for t in ("striped", "dotted", "checkered")
+                          for s in ("diamond", "hexagon", "cross", "heart")),
+            style=Style(outline=0.5),
+            seed=3,
+            description="texture + shape in thick outlines: other classes, the same drawing style",
+        ),
+    )
+}
+
+# Domain-generalisation targets: WorldShapes' classes in styles neither the pretraining nor WorldShapes used,
+# as ImageNet-V2, -Sketch, -A and -R are ImageNet's classes in other domains. Test images only (25 per class);
+# -A and -R hold half the classes (in WorldShapes' order), as ImageNet-A and -R hold 200 of ImageNet's.
+SHIFTS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(name="WorldShapes-V2", classes=_SHAPES_TASK.classes, style=_SHAPES_TASK.style, counts=(0, 0, 25), seed=11,
+             description="WorldShapes drawn again: the same style, new images"),
+        Task(name="WorldShapes-Sketch", classes=_SHAPES_TASK.classes, style=Style(outline=0.3, desaturate=0.3),
+             counts=(0, 0, 25), seed=12, description="thinner, faded outlines, as a sketch"),
+        Task(name="WorldShapes-A", classes=_subset(_SHAPES_TASK, slice(0, None, 2)),
+             style=Style(outline=0.5, clutter=0.25), counts=(0, 0, 25), seed=13,
+             description="half the classes, on cluttered backgrounds"),
+        Task(name="WorldShapes-R", classes=_subset(_SHAPES_TASK, slice(1, None, 2)), style=Style(tint=(0.5, 0.5, 0.55)),
+             counts=(0, 0, 25), seed=14, description="half the classes, filled shapes in a dark light"),
     )
 }

@@ -9,7 +9,9 @@ other way round:
 - :mod:`.cache`: every image encoded once into a fingerprinted feature cache;
 - :mod:`.train`: :func:`fit` on cached features with each method's preset;
 - :mod:`.evaluation`, :mod:`.plots`: result rows, tables, pictures;
-- :mod:`.protocol`: whole runs from a :class:`RunSpec`;
+- :mod:`.protocol`: whole runs from a :class:`RunSpec` (base-to-new, the default);
+- :mod:`.settings`, :mod:`.tta`: the other protocols (all classes, cross-dataset, domain generalisation,
+  test-time training); :mod:`.record`: every run folder's ``run.json``;
 - :mod:`.distributed`, :mod:`.models`: ``torchrun`` and CLIP loading.
 
 >>> from rada_mma.fewshot import RunSpec, run_base_to_new
@@ -23,8 +25,11 @@ from .data import ImageDataset, Item, Splits, few_shot, load_data, mma_draw, sub
 from .datasets import DATASETS, clean_classname, find_dataset, templates_for
 from .evaluation import harmonic_mean, markdown_table, read_results, summarize, write_results
 from .models import load_clip
-from .protocol import FeatureStore, RunSpec, extract, run_base_to_new, run_grid, run_record
+from .protocol import FeatureStore, RunSpec, extract, run_base_to_new, run_grid
+from .record import read_run_record, run_record, write_run_record
+from .settings import evaluate, run_all_classes, run_shot_sweep, run_transfer, run_transfer_grid
 from .train import PRESETS, FitResult, TrainConfig, accuracy, fit, learning_rate, preset, steps_per_epoch
+from .tta import TTAConfig, adapt_and_predict, adapt_dataset, run_tta, run_tta_grid
 
 __all__ = [
     "DATASETS",
@@ -36,10 +41,13 @@ __all__ = [
     "Item",
     "RunSpec",
     "Splits",
+    "TTAConfig",
     "TrainConfig",
     "accuracy",
+    "adapt_dataset",
     "clean_classname",
     "encode_class_texts",
+    "evaluate",
     "extract",
     "extract_image_features",
     "few_shot",
@@ -54,13 +62,22 @@ __all__ = [
     "mma_draw",
     "preset",
     "read_results",
+    "read_run_record",
+    "run_all_classes",
     "run_base_to_new",
     "run_grid",
     "run_record",
+    "run_shot_sweep",
+    "run_transfer",
+    "run_transfer_grid",
+    "run_tta",
+    "run_tta_grid",
     "save_features",
     "steps_per_epoch",
     "subsample_classes",
     "summarize",
     "templates_for",
+    "adapt_and_predict",
     "write_results",
+    "write_run_record",
 ]

@@ -41,7 +41,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..io import write_json
-from .datasets import DatasetInfo, clean_classname, find_dataset, imagenet_classnames
+from .datasets import (
+    IMAGENET_VARIANTS,
+    DatasetInfo,
+    VariantInfo,
+    clean_classname,
+    find_dataset,
+    find_variant,
+    imagenet_classnames,
+)
 from .distributed import is_main
 
 __all__ = [
@@ -245,8 +253,20 @@ def load_data(
         )
     if found:
         return _from_split_file(found[0], None, classnames=classnames, name=name)
+    return _from_folder(path, classnames=classnames, name=name)
+
+
+def _from_folder(path: Path, *, classnames: list[str] | None, name: str | None) -> Splits:
+    """A dataset folder without a CoOp split file: FGVC-Aircraft's lists, CoOp's ImageNet or one of its test-only
+    variants, or an ImageFolder root."""
     if (path / "images_variant_train.txt").is_file():
         return _from_fgvc(path, classnames=classnames, name=name)
+    if (path / "images" / "train").is_dir():  # CoOp's ImageNet: images/train, images/val and classnames.txt
+        return _from_image_folder(path / "images", classnames=classnames, name=name or path.name,
+                                  listing=path / "classnames.txt")
+    variant = _imagenet_variant(path, name)
+    if variant is not None:
+        return _from_variant(path, variant, classnames=classnames)
     if (path / "train").is_dir():
         return _from_image_folder(path, classnames=classnames, name=name)
     hint = ""
@@ -283,7 +303,8 @@ def _check_classnames(given: list[str] | None, count: int, where: str) -> list[s
     return given
 
 
-def _from_image_folder(root: Path, *, classnames: list[str] | None, name: str | None) -> Splits:
+def _from_image_folder(root: Path, *, classnames: list[str] | None, name: str | None,
+                       listing: Path | None = None) -> Splits:
     info, title = _detect(name, root.name)
     ignored = set(info.ignored_folders) if info is not None else set()
     train_dir = root / "train"
@@ -296,7 +317,8 @@ def _from_image_folder(root: Path, *, classnames: list[str] | None, name: str | 
     if loose:
         logger.warning("%s holds %d images outside class folders (e.g. %s); they are ignored", train_dir, len(loose), loose[0])
     labels = {folder: label for label, folder in enumerate(folders)}
-    names = _check_classnames(classnames, len(folders), str(train_dir)) or _folder_classnames(root, folders, info)
+    names = _check_classnames(classnames, len(folders), str(train_dir)) or _folder_classnames(
+        root, folders, info, listing or root / "classnames.txt")
 
     def scan(split: str) -> list[Item]:
         split_dir = root / split
@@ -361,14 +383,19 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _folder_classnames(root: Path, folders: list[str], info: DatasetInfo | None) -> list[str]:
-    listing = root / "classnames.txt"
+def _read_listing(listing: Path) -> dict[str, str]:
+    """CoOp's ``classnames.txt``: ``folder class name`` per line, in file order."""
+    table = {}
+    for line in listing.read_text().splitlines():
+        if line.strip():
+            folder, _, classname = line.strip().partition(" ")
+            table[folder] = classname.strip() or folder
+    return table
+
+
+def _folder_classnames(root: Path, folders: list[str], info: DatasetInfo | None, listing: Path) -> list[str]:
     if listing.is_file():  # CoOp's ImageNet: "n01440764 tench" per line
-        table = {}
-        for line in listing.read_text().splitlines():
-            if line.strip():
-                folder, _, classname = line.strip().partition(" ")
-                table[folder] = classname.strip() or folder
+        table = _read_listing(listing)
         missing = [f for f in folders if f not in table]
         if missing:
             raise ValueError(
@@ -384,6 +411,55 @@ def _folder_classnames(root: Path, folders: list[str], info: DatasetInfo | None)
             "prompt with words", root, root
         )
     return [clean_classname(f, info) for f in folders]
+
+
+def _imagenet_variant(path: Path, name: str | None) -> VariantInfo | None:
+    """The ImageNet variant whose CoOp layout ``path`` holds: named (by ``name`` or the folder's name), or found by
+    its image folder's distinctive name (``imagenet-a``, ``imagenet-r``, ``imagenetv2-matched-frequency-format-val``)."""
+    named = find_variant(name) or find_variant(path.name)
+    if named is not None and (path / named.image_dir).is_dir():
+        return named
+    for info in IMAGENET_VARIANTS.values():
+        if info.image_dir != "images" and (path / info.image_dir).is_dir():
+            return info
+    return None
+
+
+def _from_variant(root: Path, info: VariantInfo, *, classnames: list[str] | None) -> Splits:
+    """A test-only ImageNet variant: ImageNet's classes (or the subset its folders hold) in ImageNet's order.
+
+    As CoOp's dataset classes read them: WordNet-id folders are labelled in sorted order, the class set being the
+    folders present (200 for -A and -R); ImageNetV2's folders ``0`` ... ``999`` are ImageNet's labels, named by the
+    lines of ``classnames.txt`` in file order.
+    """
+    image_dir, listing = root / info.image_dir, root / "classnames.txt"
+    folders = sorted(d.name for d in image_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{image_dir} has no class folders; extract {info.name} there as CoOp's DATASETS.md says")
+    imagenet = find_dataset("ImageNet")
+    if info.numbered:
+        if not all(f.isdigit() for f in folders):
+            raise ValueError(f"{image_dir}: {info.name}'s class folders are ImageNet labels 0 ... 999, found {folders[0]!r}")
+        raw = list(_read_listing(listing).values()) if listing.is_file() else imagenet_classnames()
+        labels = {f: int(f) for f in folders}
+        if max(labels.values()) >= len(raw):
+            raise ValueError(f"{image_dir} has class folder {max(labels.values())} but {len(raw)} class names are known")
+        names = [clean_classname(n, imagenet) for n in raw]
+    else:
+        if not listing.is_file() and len(folders) != 1000:
+            raise FileNotFoundError(
+                f"{root} has no classnames.txt to name its {len(folders)} WordNet-id classes; copy ImageNet's "
+                f"classnames.txt there, as CoOp's DATASETS.md says (cp $DATA/imagenet/classnames.txt {root}/)"
+            )
+        labels = {f: label for label, f in enumerate(folders)}
+        names = _folder_classnames(root, folders, imagenet, listing)
+    names = _check_classnames(classnames, len(names), str(image_dir)) or names
+    test = [Item(file.relative_to(root).as_posix(), labels[f], names[labels[f]])
+            for f in folders for file in _image_files(image_dir / f)]
+    if not test:
+        raise ValueError(f"{image_dir}'s class folders hold no images")
+    logger.info("%s: %d test images of %d classes, a test-only dataset (a target)", info.name, len(test), len(names))
+    return Splits(name=info.name, classnames=names, train=[], val=[], test=test, root=root)
 
 
 def _from_split_file(split_path: Path, image_dir: Path | None, *, classnames: list[str] | None, name: str | None) -> Splits:
@@ -426,12 +502,12 @@ def _from_split_file(split_path: Path, image_dir: Path | None, *, classnames: li
                 )
             checked.append((entry[0], entry[1], entry[2]))
         rows[split] = checked
-    if not rows["train"]:
+    if not rows["train"] and not rows["test"]:
         raise ValueError(f"{split_path} has no training items")
     raw = _label_names(rows, str(split_path))
     names = _check_classnames(classnames, len(raw), str(split_path)) or [clean_classname(n, info) for n in raw]
     if image_dir is None:
-        image_dir = _find_image_dir(split_path, rows["train"], info)
+        image_dir = _find_image_dir(split_path, rows["train"] or rows["test"], info)
     missing = [path for split in SPLIT_NAMES for path, _, _ in rows[split] if not (image_dir / path).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -450,7 +526,8 @@ def _inside(relative: str) -> bool:
 
 
 def _label_names(rows: Mapping[str, list[tuple[str, int, str]]], where: str) -> list[str]:
-    """Class names by label; every label has one name and training items, labels are 0..C-1."""
+    """Class names by label; every label has one name and training items (unless the file lists test items only),
+    labels are 0..C-1."""
     table: dict[int, str] = {}
     for split in SPLIT_NAMES:
         for path, label, classname in rows[split]:
@@ -464,7 +541,7 @@ def _label_names(rows: Mapping[str, list[tuple[str, int, str]]], where: str) -> 
                 )
     trained = {label for _, label, _ in rows["train"]}
     untrained = sorted(set(table) - trained)
-    if untrained:
+    if untrained and rows["train"]:  # a split file with test items only is a target: it is never trained on
         raise ValueError(
             f"{where}: classes {', '.join(repr(table[y]) for y in untrained[:5])} (labels {untrained[:5]}) appear in "
             "val/test but have no training items; every class needs training images"
@@ -628,6 +705,11 @@ def few_shot(splits: Splits, shots: int, seed: int, *, save_dir: str | os.PathLi
         raise TypeError(f"shots must be an integer, got {shots!r}")
     if shots < 0:  # once read as "all": a sign typo silently trained on every image
         raise ValueError(f"shots must be >= 0 (0 keeps every training image), got {shots}")
+    if not splits.train:
+        raise ValueError(
+            f"{splits.name} has no training images (a test-only dataset, such as ImageNet-A): it can only be a "
+            "target; evaluate an adapter trained elsewhere on it (rada-mma eval --adapter RUN/adapter.safetensors)"
+        )
     if shots == 0:
         logger.info("shots=%d: using all %d training items", shots, len(splits.train))
         return dataclasses.replace(splits, train=list(splits.train), val=list(splits.val), test=list(splits.test))

@@ -24,10 +24,13 @@ from types import MappingProxyType
 __all__ = [
     "DATASETS",
     "DEFAULT_TEMPLATE",
+    "IMAGENET_VARIANTS",
     "DatasetInfo",
+    "VariantInfo",
     "clean_classname",
     "clip_imagenet_templates",
     "find_dataset",
+    "find_variant",
     "imagenet_classnames",
     "templates_for",
 ]
@@ -158,6 +161,55 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """A test-only ImageNet variant in CoOp's DATASETS.md layout: ``<folder>/<image_dir>/`` and ``<folder>/classnames.txt``.
+
+    Args:
+        name: CoOp's dataset class name (``"ImageNetA"``).
+        folder: the dataset folder CoOp names (``"imagenet-adversarial"``).
+        image_dir: the image folder inside it, one folder per class (``"imagenet-a"``).
+        numbered: the class folders are ImageNet labels ``0`` ... ``999`` (ImageNetV2), not WordNet ids.
+        aliases: other names it goes by, lower case.
+    """
+
+    name: str
+    folder: str
+    image_dir: str
+    numbered: bool = False
+    aliases: tuple[str, ...] = ()
+
+
+# Domain-generalisation targets: ImageNet's classes (or 200 of them, for -A and -R) in other domains.
+# Their prompts are ImageNet's; the class order is ImageNet's (the sorted WordNet ids).
+IMAGENET_VARIANTS: dict[str, VariantInfo] = {
+    info.name: info
+    for info in (
+        VariantInfo("ImageNetV2", "imagenetv2", "imagenetv2-matched-frequency-format-val", numbered=True,
+                    aliases=("imagenet-v2", "imagenet_v2", "imagenetv2-matched-frequency")),
+        VariantInfo("ImageNetSketch", "imagenet-sketch", "images", aliases=("imagenet_sketch",)),
+        VariantInfo("ImageNetA", "imagenet-adversarial", "imagenet-a", aliases=("imagenet-a", "imagenet_a")),
+        VariantInfo("ImageNetR", "imagenet-rendition", "imagenet-r", aliases=("imagenet-r", "imagenet_r")),
+    )
+}
+
+
+def find_variant(name: str | PurePath | None) -> VariantInfo | None:
+    """The ImageNet variant that ``name`` (a name, alias or CoOp folder, or a path ending in one) refers to.
+
+    Example:
+        >>> find_variant("/data/imagenet-adversarial").name
+        'ImageNetA'
+    """
+    if name is None or not str(name).rstrip("/\\"):
+        return None
+    key = _key(PurePath(str(name).rstrip("/\\")).name)
+    for info in IMAGENET_VARIANTS.values():
+        if key in {_key(k) for k in (info.name, info.folder, *info.aliases)}:
+            return info
+    return None
 
 
 def _key(name: str) -> str:

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._version import __version__
-from ..config import AdapterConfig
 from ..io import write_json
 from ..wrapper import AdaptedCLIP, wrap
 from . import data as fsdata
@@ -34,10 +31,11 @@ from . import runs
 from .cache import DATA_HASHES, Features, default_augment, encode_class_texts, extract_image_features
 from .datasets import templates_for
 from .distributed import is_main
-from .evaluation import RUN_RECORD, harmonic_mean, write_results
+from .evaluation import harmonic_mean, write_results
 from .models import load_clip, model_name
+from .record import RUN_RECORD, read_run_record, write_run_record
 from .runs import ADAPTER_FILE
-from .train import RELEASED_PROMPT, FitResult, TrainConfig, accuracy, fit, preset, steps_per_epoch
+from .train import RELEASED_PROMPT, FitResult, TrainConfig, accuracy, fit, preset
 
 __all__ = [
     "DRAWS",
@@ -46,10 +44,18 @@ __all__ = [
     "RunSpec",
     "adapter_templates",
     "base_classes",
+    "dataset_runs",
+    "few_shot_all",
     "extract",
+    "maybe_plot",
+    "recorded_templates",
     "run_base_to_new",
+    "run_folder",
     "run_grid",
-    "run_record",
+    "saved_adapter",
+    "train_on_store",
+    "wrapped_model",
+    "write_training",
     "zero_shot_templates",
 ]
 
@@ -177,6 +183,14 @@ def base_classes(spec: RunSpec, splits: fsdata.Splits) -> fsdata.Splits:
     return fsdata.subsample_classes(drawn, "base", rounding=rounding)
 
 
+def few_shot_all(spec: RunSpec, splits: fsdata.Splits) -> fsdata.Splits:
+    """Every class's few-shot training (and validation) items, drawn as ``spec.draw`` says (the all-class setting)."""
+    save_dir = spec.out_dir / "split"
+    if spec.draw == "mma":
+        return fsdata.mma_draw(splits, spec.shots, spec.seed, save_dir=save_dir)
+    return fsdata.few_shot(splits, spec.shots, spec.seed, save_dir=save_dir)
+
+
 def adapter_templates(spec: RunSpec, config: TrainConfig, dataset: str | None) -> list[str]:
     """The adapter's class prompts: ``spec.templates``, else the preset's (RAda's released prompt or the dataset's)."""
     if spec.templates:
@@ -209,6 +223,11 @@ class FeatureStore:
         draw = "-mma" if s.draw == "mma" else ""
         return f"base-{s.shots}shot-seed{s.seed}-{s.base_rounding}{draw}"
 
+    @property
+    def all_classes_tag(self) -> str:
+        """The few-shot draw of every class (the all-class setting's training images)."""
+        return f"all-{self.spec.shots}shot-seed{self.spec.seed}"
+
     def images(self, splits: fsdata.Splits, part: str, tag: str, config: TrainConfig | None = None) -> Features:
         """Features of ``splits``' ``part``; the training part with ``config``'s augmented views.
 
@@ -238,7 +257,7 @@ class FeatureStore:
         )
 
 
-def _wrapped(spec: RunSpec) -> tuple[AdaptedCLIP, Callable, Callable]:
+def wrapped_model(spec: RunSpec) -> tuple[AdaptedCLIP, Callable, Callable]:
     clip, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
     generator = torch.Generator().manual_seed(spec.seed)
     model = wrap(clip, method=spec.method, generator=generator, **dict(spec.options))
@@ -264,11 +283,7 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
         test image among all classes), in percent. A training run also writes
         ``run.json`` (:func:`run_record`).
     """
-    adapter_file = None if train else Path(spec.adapter).expanduser() if spec.adapter else spec.out_dir / ADAPTER_FILE
-    if adapter_file is not None and not adapter_file.is_file():
-        raise FileNotFoundError(
-            f"no adapter at {adapter_file}; train one first (rada-mma fit --out {spec.out}), or give adapter=FILE"
-        )
+    adapter_file = None if train else saved_adapter(spec)
     config = spec.train_config()
     # one process per run folder; an evaluation of another adapter writes a folder of its own
     with runs.claim(spec, train=train, adapter=adapter_file) as spec:
@@ -278,10 +293,10 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
 def _base_to_new(spec: RunSpec, config: TrainConfig, adapter_file: Path | None) -> list[dict[str, Any]]:
     train = adapter_file is None  # else: evaluate that adapter
     run_data = _base_to_new_data(spec)
-    model, preprocess, tokenizer = _wrapped(spec)
+    model, preprocess, tokenizer = wrapped_model(spec)
     store = FeatureStore(spec, model, preprocess, tokenizer)
     name = run_data.everything.name
-    prompts = (adapter_templates(spec, config, name) if train else _recorded_templates(spec, config, name, adapter_file),
+    prompts = (adapter_templates(spec, config, name) if train else recorded_templates(spec, config, name, adapter_file),
                zero_shot_templates(spec, name))
     text = store.texts(run_data.everything, prompts[0])  # (C, T, D)
     zero_text = text if prompts[1] == prompts[0] else store.texts(run_data.everything, prompts[1])
@@ -290,7 +305,7 @@ def _base_to_new(spec: RunSpec, config: TrainConfig, adapter_file: Path | None) 
     model.set_classes(text_features=text[: run_data.cut])
     result = None
     if train:
-        result, features = _train(spec, model, store, run_data.base, config)
+        result, features = train_on_store(spec, model, store, run_data.base, config)
     else:
         model.load_adapter(adapter_file)
     rows = _evaluate(spec, model, {"zero-shot": zero_text, spec.method: text}, test, run_data)
@@ -298,26 +313,34 @@ def _base_to_new(spec: RunSpec, config: TrainConfig, adapter_file: Path | None) 
     if is_main():
         _write_run(spec, model, config if train else None, result, rows, run_data, test)
         if train:
-            record = run_record(
-                spec, config, model.adapter.config, setting="base2new", dataset=name, prompt_templates=prompts[0],
-                zero_shot_templates=prompts[1], train_images=len(features), data_fingerprint=features.fingerprint,
+            write_run_record(
+                spec, spec.out_dir, config=config, adapter=model.adapter.config, setting="base2new", dataset=name,
+                prompt_templates=prompts[0], zero_shot_templates=prompts[1], train_images=len(features),
+                data_fingerprint=features.fingerprint,
             )
-            write_json(spec.out_dir / RUN_RECORD, record)
     return rows
 
 
-def _recorded_templates(spec: RunSpec, config: TrainConfig, dataset: str, adapter_file: Path) -> list[str]:
-    """An adapter's prompts for evaluation: ``spec.templates``, else those its run.json records, else the preset's."""
-    record = adapter_file.parent / RUN_RECORD
-    if not spec.templates and record.is_file():
+def recorded_templates(spec: RunSpec, config: TrainConfig, dataset: str, adapter_file: Path) -> list[str]:
+    """An adapter's prompts for evaluation on its own dataset: ``spec.templates``, else those its ``run.json``
+    records, else the preset's."""
+    if not spec.templates:
         try:
-            recorded = json.loads(record.read_text()).get("prompt_templates")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = (read_run_record(adapter_file.parent) or {}).get("prompt_templates")
+        except ValueError:
             recorded = None
         if isinstance(recorded, list) and recorded and all(isinstance(t, str) for t in recorded):
             return recorded
-        log.warning("%s records no prompt templates; evaluating with the %s preset's", record, spec.method)
+        log.warning("%s records no prompt templates; evaluating with the %s preset's", adapter_file.parent, spec.method)
     return adapter_templates(spec, config, dataset)
+
+
+def saved_adapter(spec: RunSpec) -> Path:
+    """The adapter an evaluation loads: ``spec.adapter``, else ``OUT/adapter.safetensors``; an error when missing."""
+    path = Path(spec.adapter).expanduser() if spec.adapter else spec.out_dir / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter at {path}; train one first (rada-mma fit --out {spec.out}), or give adapter=FILE")
+    return path
 
 
 def _check_test_covers_both_halves(run_data: _Data, test: Features) -> None:
@@ -330,11 +353,16 @@ def _check_test_covers_both_halves(run_data: _Data, test: Features) -> None:
             )
 
 
-def _train(
-    spec: RunSpec, model: AdaptedCLIP, store: FeatureStore, base: fsdata.Splits, config: TrainConfig
+def train_on_store(
+    spec: RunSpec, model: AdaptedCLIP, store: FeatureStore, base: fsdata.Splits, config: TrainConfig,
+    tag: str | None = None,
 ) -> tuple[FitResult, Features]:
-    train = store.images(base, "train", store.few_shot_tag, config)
-    val = store.images(base, "val", store.few_shot_tag, config) if base.val else None
+    """:func:`fit` on the cached features of ``base``'s few-shot train (and val) images (cache ``tag``, default
+    the base-to-new draw's), the training images with ``config``'s augmented views; the result and the
+    training features."""
+    tag = tag or store.few_shot_tag
+    train = store.images(base, "train", tag, config)
+    val = store.images(base, "val", tag, config) if base.val else None
     result = fit(
         model, train.image, train.labels, config=config,
         val_features=None if val is None else val.image, val_labels=None if val is None else val.labels,
@@ -373,90 +401,31 @@ def _evaluate(
     return rows
 
 
-# what run_record states in its own words, rather than as the TrainConfig field
-_RECORDED_ELSEWHERE = ("views", "crop_scale", "interpolation", "prompt", "amp", "extract_amp")
-
-
-def run_record(
-    spec: RunSpec,
-    config: TrainConfig,
-    adapter: AdapterConfig,
-    *,
-    setting: str,
-    dataset: str,
-    prompt_templates: Sequence[str],
-    zero_shot_templates: Sequence[str],
-    **extra: Any,
-) -> dict[str, Any]:
-    """What one run ran, fully resolved: the object ``run.json`` holds, so that a reader needs no other file.
-
-    Any protocol calls it with what it resolved (``setting`` names the protocol,
-    e.g. ``"base2new"``) and adds what else its run depends on as ``extra``.
-
-    Keys: ``method``, ``setting``, ``dataset``, ``seed``, ``shots``, ``draw``,
-    ``rounding``; ``prompt_templates`` (the adapter's) and ``zero_shot_templates``;
-    ``augmentation`` (``kind``, ``scale``, ``interpolation``, ``views``, or
-    ``{"kind": "none", "views": 0}``); every other :class:`TrainConfig` field
-    (``optimizer``, ``lr``, ``weight_decay``, ``batch_size``, ``drop_last``,
-    ``epochs``, ``warmup_epochs``, ``schedule``, ...) and ``steps_per_epoch``
-    when ``extra`` has ``train_images``; ``feature_dtype`` and ``train_dtype``
-    (``"float32"`` or ``"bfloat16"``, as they ran on the run's device);
-    ``adapter`` (the :class:`~rada_mma.AdapterConfig`); ``model``, ``pretrained``,
-    ``model_config``, ``data``, ``device``; ``rada_mma_version``,
-    ``torch_version``, ``open_clip_version``, ``python_version``.
-
-    Example:
-        >>> record = run_record(spec, spec.train_config(), model.adapter.config, setting="base2new",
-        ...                     dataset="OxfordPets", prompt_templates=["a photo of a {}."],
-        ...                     zero_shot_templates=["a photo of a {}, a type of pet."])
-    """
-    cuda = torch.device(spec.device_name).type == "cuda"
-    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RECORDED_ELSEWHERE}
-    if "train_images" in extra:
-        train["steps_per_epoch"] = steps_per_epoch(config, extra["train_images"])
-    return {
-        "method": spec.method, "setting": setting, "dataset": dataset, "seed": spec.seed, "shots": spec.shots,
-        "draw": spec.draw, "rounding": spec.base_rounding,
-        "prompt_templates": list(prompt_templates), "zero_shot_templates": list(zero_shot_templates),
-        "augmentation": config.augmentation,
-        **train,
-        "feature_dtype": "bfloat16" if config.extract_amp and cuda else "float32",
-        "train_dtype": "bfloat16" if config.amp and cuda else "float32",
-        "adapter": dataclasses.asdict(adapter),
-        "model": model_name(spec.model, spec.model_config), "pretrained": spec.pretrained,
-        "model_config": spec.model_config, "data": spec.data, "device": spec.device_name,
-        "rada_mma_version": __version__, "torch_version": torch.__version__,
-        "open_clip_version": _version_of("open_clip_torch"), "python_version": platform.python_version(),
-        **extra,
-    }
-
-
-def _version_of(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 def _write_run(spec: RunSpec, model: AdaptedCLIP, config: TrainConfig | None, result: FitResult | None,
                rows: list[dict[str, Any]], run_data: _Data, test: Features) -> None:
     """The run folder: adapter, training configuration, plots, results."""
-    from .plots import plot_adapter, plot_history
+    from .plots import plot_adapter
 
     out = spec.out_dir
-    if config is not None:
-        model.save_adapter(out / ADAPTER_FILE, overwrite=True)
-        write_json(out / "train_config.json", dataclasses.asdict(config))
-        if result is not None and result.history:
-            _maybe_plot(plot_history, result.history, out / "training.png", title=f"{run_data.everything.name} {spec.method}")
+    write_training(spec, model, config, result, title=f"{run_data.everything.name} {spec.method}")
     base_images = test.image[test.labels < run_data.cut]
-    _maybe_plot(plot_adapter, model, base_images, out / "adapter.png", classnames=run_data.base.classnames)
+    maybe_plot(plot_adapter, model, base_images, out / "adapter.png", classnames=run_data.base.classnames)
     write_results(rows, out)
 
 
-def _maybe_plot(fn: Callable, *args: Any, **kwargs: Any) -> None:
+def write_training(spec: RunSpec, model: AdaptedCLIP, config: TrainConfig | None, result: FitResult | None, *,
+                   title: str) -> None:
+    """A trained run's adapter, training configuration and training curves (nothing for an evaluation)."""
+    from .plots import plot_history
+
+    if config is not None:
+        model.save_adapter(spec.out_dir / ADAPTER_FILE, overwrite=True)
+        write_json(spec.out_dir / "train_config.json", dataclasses.asdict(config))
+        if result is not None and result.history:
+            maybe_plot(plot_history, result.history, spec.out_dir / "training.png", title=title)
+
+
+def maybe_plot(fn: Callable, *args: Any, **kwargs: Any) -> None:
     try:
         fn(*args, **kwargs)
     except ImportError as err:
@@ -469,6 +438,17 @@ def _maybe_plot(fn: Callable, *args: Any, **kwargs: Any) -> None:
 def run_folder(out: Path, dataset: str, method: str, seed: int) -> Path:
     """Where one run of a grid writes: ``OUT/<dataset>/<method>-seed<seed>`` (``+`` written ``_``)."""
     return out / dataset / f"{method.replace('+', '_')}-seed{seed}"
+
+
+def dataset_runs(spec: RunSpec, datasets: Sequence[tuple[str, str | None]], out: Path) -> list[tuple[str, str | None, str, Path]]:
+    """Per ``(data, name)`` of a grid: the data, its name, its folder under ``out`` (the name, else the data
+    folder's) and the feature cache its runs share (``out/<folder>/cache``, or ``spec.cache_dir/<folder>``)."""
+    runs = []
+    for data_path, name in datasets:
+        folder = name or Path(data_path).expanduser().name
+        cache = Path(spec.cache_dir).expanduser() / folder if spec.cache_dir else out / folder / "cache"
+        runs.append((str(data_path), name, folder, cache))
+    return runs
 
 
 def run_grid(
@@ -501,9 +481,7 @@ def run_grid(
     out = Path(out).expanduser()
     rows: list[dict[str, Any]] = []
     with runs.hold(out):  # each run holds its own folder too
-        for data_path, name in datasets:
-            folder = name or Path(data_path).expanduser().name
-            cache = Path(spec.cache_dir).expanduser() / folder if spec.cache_dir else out / folder / "cache"
+        for data_path, name, folder, cache in dataset_runs(spec, datasets, out):
             for seed in seeds:
                 for index, method in enumerate(methods):
                     run = spec.replace(data=str(data_path), dataset=name, method=method, seed=seed,
@@ -516,15 +494,15 @@ def run_grid(
             from .plots import plot_summary
 
             write_results(rows, out)
-            _maybe_plot(plot_summary, rows, out / "results.png")
+            maybe_plot(plot_summary, rows, out / "results.png")
     return rows
 
 
-def extract(spec: RunSpec) -> list[Tensor]:
+def extract(spec: RunSpec, *, setting: str = "base2new") -> list[Tensor]:
     """Fill the cache ``fit``, ``eval`` and ``bench`` read: the class texts (the adapter's and zero-shot's
     prompts) and test images of every class, and the few-shot training (with the preset's augmented
-    views) and validation images of the base classes (every training image, un-augmented, when
-    ``spec.shots`` is 0). Returns the feature tensors."""
+    views) and validation images of the base classes (of every class with ``setting="all"``; every
+    training image, un-augmented, when ``spec.shots`` is 0). Returns the feature tensors."""
     splits = load_splits(spec)
     config = spec.train_config()
     model, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
@@ -534,12 +512,15 @@ def extract(spec: RunSpec) -> list[Tensor]:
         written = [store.texts(splits, list(t)) for t in sorted(templates)]
         if splits.test:
             written.append(store.images(splits, "test", "all", config).image)
-        if spec.shots:
+        if not splits.train:  # a test-only dataset (a target such as ImageNet-A) has nothing more to encode
+            return written
+        if spec.shots and setting == "all":
+            part, tag = few_shot_all(spec, splits), store.all_classes_tag
+        elif spec.shots:
             part, tag = base_classes(spec, splits), store.few_shot_tag
-            written.append(store.images(part, "train", tag, config).image)
         else:
-            part, tag = splits, "all"
-            written.append(store.images(part, "train", tag, dataclasses.replace(config, views=0)).image)
+            part, tag, config = splits, "all", dataclasses.replace(config, views=0)
+        written.append(store.images(part, "train", tag, config).image)
         if part.val:
             written.append(store.images(part, "val", tag, config).image)
     return written

@@ -55,3 +55,30 @@ def test_pictures_are_written(method, tmp_path):
     for path in (plot_history(history, tmp_path / "training.png"),
                  plot_adapter(model, torch.randn(6, 2, 16), tmp_path / "adapter.png", classnames=["a", "b", "c"])):
         assert path.read_bytes().startswith(PNG) and path.stat().st_size > 1000
+
+
+def test_many_classes_draw_a_figure_of_bounded_size(tmp_path):
+    from PIL import Image
+
+    from tests.helpers import tiny_models
+
+    model = wrap(tiny_models.GenericDualEncoder(dim=16), method="rada", dim=16, logit_scale=100.0)
+    model.set_classes(text_features=torch.randn(1000, 16))  # ImageNet's class count
+    path = plot_adapter(model, torch.randn(4, 16), tmp_path / "adapter.png", classnames=[f"c{i}" for i in range(1000)])
+    with Image.open(path) as image:
+        assert image.height < 3000  # 64 classes drawn, not a 250-inch figure
+
+
+def test_setting_pictures_are_written(tmp_path):
+    from rada_mma.fewshot.evaluation import row_label
+    from rada_mma.fewshot.plots import plot_shots, plot_targets, plot_tta
+
+    shots = [{"dataset": "d", "method": "zero-shot", "seed": 1, "shots": 0, "accuracy": 50.0}]
+    shots += [{"dataset": "d", "method": "rada", "seed": s, "shots": k, "accuracy": 50.0 + k + s} for s in (1, 2)
+              for k in (1, 2, 4)]
+    tta = [{"dataset": t, "method": m, "seed": 1, "accuracy": 40.0 + i, "tta": m != "zero-shot", "start": "zero-shot"}
+           for i, (t, m) in enumerate([("a", "zero-shot"), ("a", "rada"), ("b", "zero-shot"), ("b", "rada")])]
+    logits = torch.randn(20, 4)
+    for path in (plot_shots(shots, tmp_path / "shots.png"), plot_targets(tta, tmp_path / "t.png", label=row_label),
+                 plot_tta(logits, logits + torch.randn(20, 4), torch.randint(4, (20,)), tmp_path / "tta.png")):
+        assert path.read_bytes().startswith(PNG) and path.stat().st_size > 1000
