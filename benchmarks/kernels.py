@@ -507,7 +507,7 @@ def timing_point(spec: dict) -> list[dict]:
         ref = released_outputs(method, released, *data, scale, micro)
         for record in records.values():
             record["reference_micro_batch"] = micro
-    released_ms = records["released"].get("ms_median") or float("inf")
+    released_ms = records.get("released", {}).get("ms_median") or float("inf")
     exact = None
     if spec["dtype"] == "fp32" and released_ms * FP64_COST < 1e3 * spec["fp64_budget_s"]:
         micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 8)))
@@ -578,7 +578,7 @@ def _subprocess(spec: dict, timeout: float, env: dict | None = None):
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])
     killed = done.returncode in (-9, 137)  # the kernel's OOM killer
-    if killed or "memory" in done.stderr[-500:].lower():
+    if killed or any(word in done.stderr[-500:] for word in ("MemoryError", "out of memory", "can't allocate")):
         return None
     raise RuntimeError(f"point {spec} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 
