@@ -10,6 +10,7 @@ other way round:
 - :mod:`.train`: :func:`fit` on cached features with each method's preset;
 - :mod:`.evaluation`, :mod:`.plots`: result rows, tables, pictures;
 - :mod:`.protocol`: whole runs from a :class:`RunSpec`;
+- :mod:`.predict`: image files classified with a saved adapter (``rada-mma predict``);
 - :mod:`.distributed`, :mod:`.models`: ``torchrun`` and CLIP loading.
 
 >>> from rada_mma.fewshot import RunSpec, run_base_to_new
@@ -23,6 +24,7 @@ from .data import ImageDataset, Item, Splits, few_shot, load_data, subsample_cla
 from .datasets import DATASETS, clean_classname, find_dataset, templates_for
 from .evaluation import harmonic_mean, markdown_table, read_results, summarize, write_results
 from .models import load_clip
+from .predict import PredictSummary, predict_images, with_adapter_base
 from .protocol import FeatureStore, RunSpec, extract, run_base_to_new, run_grid
 from .train import PRESETS, FitResult, TrainConfig, accuracy, fit, learning_rate, preset
 
@@ -34,6 +36,7 @@ __all__ = [
     "FitResult",
     "ImageDataset",
     "Item",
+    "PredictSummary",
     "RunSpec",
     "Splits",
     "TrainConfig",
@@ -51,6 +54,7 @@ __all__ = [
     "load_data",
     "load_features",
     "markdown_table",
+    "predict_images",
     "preset",
     "read_results",
     "run_base_to_new",
@@ -59,5 +63,6 @@ __all__ = [
     "subsample_classes",
     "summarize",
     "templates_for",
+    "with_adapter_base",
     "write_results",
 ]

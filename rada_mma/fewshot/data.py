@@ -50,6 +50,7 @@ __all__ = [
     "Item",
     "Splits",
     "few_shot",
+    "image_files",
     "load_data",
     "subsample_classes",
 ]
@@ -310,7 +311,7 @@ def _from_image_folder(root: Path, *, classnames: list[str] | None, name: str | 
             logger.warning("%s has no folder for %d classes (e.g. %s)", split_dir, len(missing), missing[0])
         items = []
         for folder in present:
-            files = _image_files(split_dir / folder)
+            files = image_files(split_dir / folder)
             if not files:
                 raise ValueError(
                     f"class folder {split_dir / folder} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
@@ -332,7 +333,8 @@ def _from_image_folder(root: Path, *, classnames: list[str] | None, name: str | 
     return Splits(name=title, classnames=names, train=train, val=val, test=test, root=root)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (by extension, any depth, hidden folders skipped), sorted."""
     files = []
     for directory, subdirs, names in os.walk(folder, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))

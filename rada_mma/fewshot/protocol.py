@@ -143,11 +143,14 @@ class FeatureStore:
             cache_path=self.folder / f"{tag}-{part}-v{views}.safetensors", progress=self.spec.progress and is_main(),
         )
 
+    def templates(self, splits: fsdata.Splits) -> list[str]:
+        """The run's prompt templates: ``--template``'s, else the dataset's."""
+        return templates_for(splits.name, list(self.spec.templates) if self.spec.templates else None)
+
     def texts(self, splits: fsdata.Splits) -> Tensor:
         """Raw class text features ``(C, T, D)`` of every class in the run's templates."""
-        prompts = templates_for(splits.name, list(self.spec.templates) if self.spec.templates else None)
         return encode_class_texts(
-            self.model, splits.classnames, prompts, tokenizer=self.tokenizer,
+            self.model, splits.classnames, self.templates(splits), tokenizer=self.tokenizer,
             cache_path=self.folder / "all-classes.safetensors",
         )
 
@@ -155,7 +158,9 @@ class FeatureStore:
 def _wrapped(spec: RunSpec) -> tuple[AdaptedCLIP, Callable, Callable]:
     clip, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
     generator = torch.Generator().manual_seed(spec.seed)
-    model = wrap(clip, method=spec.method, generator=generator, **dict(spec.options))
+    # the base's name and weights travel into the adapter file: `rada-mma predict` needs no --model then
+    model = wrap(clip, method=spec.method, generator=generator, base_name=model_name(spec.model, spec.model_config),
+                 pretrained=spec.pretrained, **dict(spec.options))
     model.adapter.to(spec.device_name)
     return model, preprocess, tokenizer
 
@@ -195,7 +200,9 @@ def run_base_to_new(spec: RunSpec, *, train: bool = True) -> list[dict[str, Any]
     else:
         model.load_adapter(adapter_file)
     rows = _evaluate(spec, model, text, test, run_data)
-    model.set_classes(text_features=text[: run_data.cut])
+    # the base classes, named: the adapter file carries them (rada-mma predict, rada_mma.load)
+    model.set_classes(text_features=text[: run_data.cut], names=run_data.base.classnames,
+                      templates=store.templates(run_data.everything))
     if is_main():
         _write_run(spec, model, config, result, rows, run_data, test)
     return rows
@@ -256,7 +263,7 @@ def _write_run(spec: RunSpec, model: AdaptedCLIP, config: TrainConfig | None, re
 
     out = spec.out_dir
     if config is not None:
-        model.save_adapter(out / ADAPTER_FILE, overwrite=True)
+        model.save_adapter(out / ADAPTER_FILE, overwrite=True, include_classes=True)
         write_json(out / "train_config.json", dataclasses.asdict(config))
         if result is not None and result.history:
             _maybe_plot(plot_history, result.history, out / "training.png", title=f"{run_data.everything.name} {spec.method}")
