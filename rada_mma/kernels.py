@@ -40,6 +40,7 @@ __all__ = [
     "rada_logits",
     "rada_mask",
     "rada_mask_and_logits",
+    "rada_masked_logits",
     "rada_text_queries",
     "regularizer",
     "residual_adapter",
@@ -47,11 +48,12 @@ __all__ = [
 ]
 
 # With gradients, RAda's attention maps of at most this many elements
-# (B·heads·K², per query kind) are built whole and kept for backward: below it
-# that is cheaper than the flash/chunked kernels, which recompute blocks in
-# backward (measured: benchmarks/results/kernels_cpu.md). Set to 0 to always use
-# those kernels when training.
-MATERIALISE_ELEMENTS = 1 << 21
+# (B·heads·K², per query kind: up to K = 32 at B = 32, K = 64 at B = 8) are built
+# whole and kept for backward: there that is cheaper than the flash/chunked
+# kernels, which recompute blocks in backward and cost more calls; above it they
+# win (measured on one CPU thread: benchmarks/results/kernels_cpu.md). Set to 0
+# to always use those kernels when training.
+MATERIALISE_ELEMENTS = 1 << 18
 
 # Elements of one (B, heads, chunk, K) score block of the portable (chunked)
 # attention: bounds its workspace (about 3 such blocks live at once in backward).
@@ -224,18 +226,17 @@ class _MaskAttention(torch.autograd.Function):
     buffers; backward goes through the same blocks, recomputing each block's
     ``s·R``, so that neither a ``(B, K, 3D)`` projection nor its gradient nor a
     whole batch of per-kind ``(B, H, K, c)`` gradients ever exists.
-    ``attn = (scale, flat, flash, chunk, block)``: the score scale, the
+    ``attn = (scale, flat, flash, chunk, block, pad)``: the score scale, the
     released flat softmax (else the row softmax), the fused CPU kernels (else
     the chunked ones), the chunked kernels' query rows per step, images per
-    block. On the flash path with the flat softmax the heads carry the extra
-    column of :class:`_FlashAttentionCPU`.
+    block, and 1 when the heads carry the extra column of
+    :class:`_FlashAttentionCPU` (flash kernels, flat softmax, gradients needed).
     """
 
     @staticmethod
     def forward(ctx, f, h, s, weight, bias, q_t, q_i, heads: int, attn: tuple):
-        scale, flat, flash, chunk, block = attn
+        scale, flat, flash, chunk, block, pad = attn
         b, d = f.shape
-        pad = int(flash and flat)
         buffers = _rational_heads(f, h, s, weight, bias, heads, pad, block)  # q_r, K, V: (B, H, K, c')
         _, k_, v_ = buffers
         ctx.dtypes = q_t.dtype, q_i.dtype
@@ -256,7 +257,7 @@ class _MaskAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dmixed: Tensor):
         f, h, s, weight, q_r, k_, v_, q_t, q_i, o_t, lse_t, o_r, lse_r = ctx.saved_tensors
-        scale, flat, flash, chunk, block = ctx.attn
+        scale, flat, flash, chunk, block, _ = ctx.attn
         b, d = f.shape
         c = d // ctx.heads
         need = ctx.needs_input_grad
@@ -411,8 +412,12 @@ def _plain_row_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, chunk
     ``torch.export`` and the ONNX exporter trace it.
     """
     kt = k.transpose(-1, -2)  # (B, H, c, J), a view
+    rows = q.shape[-2]
+    if chunk >= rows:  # one block: PyTorch's fused softmax, fewest ops (the small maps of training)
+        s = _up((q * scale) @ kt)  # (B, H, K, J)
+        return torch.softmax(s, dim=-1).to(v.dtype) @ v, torch.logsumexp(s, dim=-1)  # (B, H, K, c), (B, H, K)
     outs, lses = [], []
-    for start in range(0, q.shape[-2], chunk):
+    for start in range(0, rows, chunk):
         s = _up((q[..., start : start + chunk, :] * scale) @ kt)  # (B, H, C, J)
         top = s.amax(dim=-1, keepdim=True).detach()  # (B, H, C, 1): for range only, the results do not depend on it
         p = (s - top).exp()  # (B, H, C, J)
@@ -554,26 +559,107 @@ def rada_attention(
     attn_scale = 1.0 / (math.sqrt(c) * temperature)
     if path != "plain":  # the fused kernels, in one memory-lean step (forward only without gradients)
         block = max(1, chunk_elements // (k * 3 * d))  # images per block of the projections
-        attn = (attn_scale, softmax == "flat", path == "flash", _chunk_rows(b, heads, k, chunk_elements), block)
+        flat, flash = softmax == "flat", path == "flash"
+        pad = int(flash and flat and needs_grad)  # the extra column carries lse's gradient: forward alone needs none
+        attn = (attn_scale, flat, flash, _chunk_rows(b, heads, k, chunk_elements), block, pad)
         return _MaskAttention.apply(f, h, s, *qkv_rational, q_t, q_i, heads, attn)  # (B, K, D)
 
     rational = (s * f).unsqueeze(-2) * h  # (B, K, D)
-    q_r, keys, values = (_heads(x, heads, 0) for x in F.linear(rational, *qkv_rational).chunk(3, dim=-1))  # (B, H, K, c)
-    q_t = _heads(q_t, heads, 0)  # (H, K, c) or (B, H, K, c)
+    q_r, keys, values = _split_projections(rational, qkv_rational, heads)  # (B, H, K, c) each, views
+    q_t = rearrange(q_t, "... k (h c) -> ... h k c", h=heads)  # (H, K, c) or (B, H, K, c)
     q_t = q_t.expand(b, *q_t.shape[-3:])  # (B, H, K, c), a view: shared text queries are never copied
-    q_i = _heads(q_i.unsqueeze(-2), heads, 0)  # (B, H, 1, c)
+    q_i = rearrange(q_i, "b (h c) -> b h 1 c", h=heads)  # (B, H, 1, c)
     # with gradients the maps are kept whole (small by attention_path's rule), without they are built in blocks
     chunk = k if needs_grad else _chunk_rows(b, heads, k, chunk_elements)
+    mixed = _mixed_attention(q_t, q_r, keys, values, q_i, scale=attn_scale, flat=softmax == "flat", flash=False,
+                             chunk=chunk)  # (B, H, K, c)
+    return rearrange(mixed, "b h k c -> b k (h c)")  # (B, K, D)
 
+
+def _split_projections(rational: Tensor, qkv: tuple[Tensor, Tensor], heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``W(s·R) + b`` as the rational queries, keys and values, each ``(B, H, K, c)`` (views, no copies)."""
+    y = F.linear(rational, *qkv)  # (B, K, 3D)
+    return tuple(rearrange(x, "b k (h c) -> b h k c", h=heads) for x in y.chunk(3, dim=-1))
+
+
+def _mixed_attention(
+    q_t: Tensor, q_r: Tensor, keys: Tensor, values: Tensor, q_i: Tensor, *, scale: float, flat: bool, flash: bool,
+    chunk: int,
+) -> Tensor:
+    """``(A_i V + A_t V + A_r V) / 3`` for a batch of images, ``(B, H, K, c)``, by plain ops (differentiable)
+    or, without gradients, PyTorch's fused CPU flash kernels (which take strided views as they are)."""
     # Image queries: all K rows of the map are equal, so the flat softmax
     # times K is a plain softmax over one (1, K) row per head and image.
-    scores_i = _up(q_i @ keys.transpose(-1, -2)) * attn_scale  # (B, H, 1, K)
-    o_i = torch.softmax(scores_i, dim=-1).to(values.dtype) @ values  # (B, H, 1, c)
-    options = dict(scale=attn_scale, softmax=softmax, chunk=chunk, path=path)
-    o_t = _query_attention(q_t, keys, values, **options)  # (B, H, K, c)
-    o_r = _query_attention(q_r, keys, values, **options)  # (B, H, K, c)
-    mixed = (o_t + o_r).add_(o_i).div_(3)  # (B, H, K, c): A = (A_i V + A_t V + A_r V) / 3
-    return rearrange(mixed, "b h k c -> b k (h c)")  # (B, K, D)
+    scores_i = _up(q_i @ keys.transpose(-1, -2)) * scale  # (B, H, 1, K)
+    mixed = torch.softmax(scores_i, dim=-1).to(values.dtype) @ values  # (B, H, 1, c)
+    for q in (q_t, q_r):
+        if flash:
+            o, lse = _flash_forward(q, keys, values, scale, padded=False)  # (B, H, K, c), (B, H, K)
+        else:
+            o, lse = _plain_row_attention(q, keys, values, scale=scale, chunk=chunk)
+        mixed = mixed + (o * _flat_weights(lse).unsqueeze(-1).to(o.dtype) if flat else o)  # (B, H, K, c)
+    return mixed / 3
+
+
+def rada_masked_logits(
+    f: Tensor, h: Tensor, scale: Tensor, *, out: tuple[Tensor, Tensor], **attention: object
+) -> tuple[Tensor, Tensor]:
+    """RAda's logits ``(B, K)`` (fp32) and mask ``(B, K, D)``, by the cheapest exact route.
+
+    Args:
+        f, h, scale: as in :func:`rada_attention`.
+        out: ``W_o`` as ``(weight, bias)``.
+        **attention: :func:`rada_attention`'s keyword arguments (the projections, ``heads``, ...).
+
+    With gradients: :func:`rada_attention` then :func:`rada_mask_and_logits`. Without
+    (inference): a few images at a time, all of it in one pass (the flash kernels on CPU
+    in eager mode, plain ops elsewhere and under ``torch.export``), so memory stays that
+    of a block plus the mask, and the logits reuse the block's rational matrix.
+    """
+    s = scale.to(_acc(f.dtype))
+    weights = [t for key in ("query_image", "query_text", "qkv_rational") for t in attention[key]]  # type: ignore[union-attr]
+    if _needs_grad(f, h, s, attention.get("text_queries"), *weights, *out):  # type: ignore[arg-type]
+        x = rada_attention(f, h, scale, **attention)  # type: ignore[arg-type]
+        return rada_mask_and_logits(x, f, h, scale, out=out)
+    return _masked_logits_inference(f, h, s, out=out, **attention)  # type: ignore[arg-type]
+
+
+def _masked_logits_inference(
+    f: Tensor,
+    h: Tensor,
+    s: Tensor,
+    *,
+    query_image: tuple[Tensor, Tensor],
+    query_text: tuple[Tensor, Tensor],
+    qkv_rational: tuple[Tensor, Tensor],
+    out: tuple[Tensor, Tensor],
+    heads: int,
+    temperature: float,
+    softmax: str = "flat",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    text_queries: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    b, d = f.shape
+    k = h.shape[-2]
+    q_t = rada_text_queries(h, s, query_text) if text_queries is None else text_queries  # (K, D) or (B, K, D)
+    q_i = rearrange(F.linear(s.sqrt() * f, *query_image), "b (h c) -> b h 1 c", h=heads)  # (B, H, 1, c)
+    exporting = torch.compiler.is_exporting()  # a symbolic batch: one block, plain ops
+    options = dict(scale=1.0 / (math.sqrt(d // heads) * temperature), flat=softmax == "flat",
+                   flash=_use_flash(f) and not exporting, chunk=_chunk_rows(b, heads, k, chunk_elements))
+    block = b if exporting else max(1, chunk_elements // (k * 3 * d))  # images per block
+    logits, masks = [], []
+    for start in [0] if exporting else range(0, b, block):
+        rows = slice(start, start + block) if not exporting else slice(None)
+        rational = _rational_block(f, h, s, rows)  # (b, K, D): s·f̂ ⊙ ĥ
+        # contiguous heads: the kernels run faster on them than on strided views (measured 14%)
+        q_r, keys, values = (x.contiguous() for x in _split_projections(rational, qkv_rational, heads))
+        texts = rearrange(q_t if q_t.dim() == 2 else q_t[rows], "... k (h c) -> ... h k c", h=heads)
+        texts = texts.expand(keys.shape[0], *texts.shape[-3:])  # (b, H, K, c)
+        mixed = _mixed_attention(texts, q_r, keys, values, q_i[rows], **options)  # (b, H, K, c)
+        mask = F.relu(_up(F.linear(rearrange(mixed, "b h k c -> b k (h c)"), *out)) + 1)  # (b, K, D)
+        logits.append((mask * _up(rational)).sum(-1))  # (b, K): s·Σ_d M f̂ ĥ
+        masks.append(mask)
+    return torch.cat(logits), torch.cat(masks)
 
 
 def rada_mask(f: Tensor, h: Tensor, scale: Tensor, *, out: tuple[Tensor, Tensor], **attention: object) -> Tensor:

@@ -364,8 +364,8 @@ class RationalMask(_Adapter):
         self, f: Tensor, h: Tensor, scale: Tensor, *, text_queries: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Logits ``(B, K)`` and mask ``(B, K, D)`` for normalised ``f`` and ``h`` (as :meth:`mask` takes them)."""
-        x = kernels.rada_attention(f, h, scale, text_queries=text_queries, **self._attention())  # (B, K, D)
-        return kernels.rada_mask_and_logits(x, f, h, scale, out=_pair(self.to_out))
+        return kernels.rada_masked_logits(f, h, scale, out=_pair(self.to_out), text_queries=text_queries,
+                                          **self._attention())
 
     def class_terms(self, text_features: Tensor, scale: Tensor) -> dict[str, Tensor]:
         text = text_features if self.text_adapter is None else self.text_adapter(text_features)
