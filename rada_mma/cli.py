@@ -324,6 +324,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _one_line(err: BaseException) -> str:
     """The error as one line, Python argument names written as the flags that set them."""
     message = " ".join(str(err).split()) or type(err).__name__
+    message = re.sub(r"\b(" + "|".join(_FLAGS) + r")=True\b", lambda m: _FLAGS[m.group(1)], message)  # switches
     message = re.sub(r"\b(" + "|".join(_FLAGS) + r")=", lambda m: _FLAGS[m.group(1)] + " ", message)
     snake = [name for name in _FLAGS if "_" in name]  # plain words such as "model" stay words
     return re.sub(r"\b(" + "|".join(snake) + r")\b", lambda m: _FLAGS[m.group(1)], message)

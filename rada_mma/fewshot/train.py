@@ -268,7 +268,8 @@ class _Run:
         n = labels.shape[0]
         order = torch.randperm(n, generator=self.generator)
         views = torch.randint(features.shape[1], (n,), generator=self.generator) if features.dim() == 3 else None
-        total = torch.zeros(2, dtype=torch.float64)  # summed loss, images
+        # summed loss on the device: reading it every step would make the host wait for a GPU
+        loss_sum, images = torch.zeros((), dtype=torch.float64, device=device), 0
         use_amp = c.amp and device.type == "cuda"
         for start in range(0, n, c.batch_size):
             batch = order[start : start + c.batch_size]
@@ -280,11 +281,13 @@ class _Run:
                     loss = classification_loss(logits, labels[local].to(device), model.regularization(), check=False)
                 # mean over the global batch = sum over ranks of local means weighted by their share
                 (loss * (len(local) / len(batch))).backward()
-                total += torch.tensor([float(loss.detach()) * len(local), len(local)], dtype=torch.float64)
+                loss_sum += loss.detach().double() * len(local)
+                images += len(local)
             if self.world > 1:
                 all_reduce_grads(self.params)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        total = torch.stack([loss_sum.cpu(), torch.tensor(float(images), dtype=torch.float64)])  # one sync an epoch
         if self.world > 1:
             total = all_reduce_sum(total, device)
         model.eval()

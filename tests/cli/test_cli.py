@@ -397,8 +397,9 @@ def test_predict_writes_one_line_per_image(world, mma_run, tmp_path, capsys):
     line = run_error(["predict", "--adapter", adapter, "--images", str(folder), "--out", str(tmp_path / "s.jsonl"),
                       "--strict", *other], capsys)
     assert "tiny-cli-clip-seed0.pt" in line and "tiny-cli-clip-seed1.pt" in line
-    assert "--out" in run_error(["predict", "--adapter", adapter, "--images", str(folder), "--out",
-                                 str(tmp_path / "p.csv"), *model], capsys)  # exists: not overwritten
+    line = run_error(["predict", "--adapter", adapter, "--images", str(folder), "--out", str(tmp_path / "p.csv"),
+                      *model], capsys)  # exists: not overwritten
+    assert "--out" in line and "pass --overwrite to replace it" in line
 
 
 def all_options(command: str) -> dict[str, str | None]:
