@@ -51,8 +51,8 @@ __all__ = [
 # (B·heads·K², per query kind: up to K = 32 at B = 32, K = 64 at B = 8) are built
 # whole and kept for backward: there that is cheaper than the flash/chunked
 # kernels, which recompute blocks in backward and cost more calls; above it they
-# win (measured on one CPU thread: benchmarks/results/kernels_cpu.md). Set to 0
-# to always use those kernels when training.
+# win (measured on one CPU thread: docs/methods.md, section 3.5). Set to 0 to
+# always use those kernels when training.
 MATERIALISE_ELEMENTS = 1 << 18
 
 # Elements of one (B, heads, chunk, K) score block of the portable (chunked)
