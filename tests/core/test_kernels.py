@@ -730,3 +730,32 @@ def test_generator_seed_fixes_parameters(method):
         assert torch.equal(a, b), f"{name} differs for the same seed"
         if a.abs().sum() > 0:  # zero-initialised tensors agree across seeds
             assert not torch.equal(a, c), f"{name} ignores the generator"
+
+
+# ----------------------------------------------------------------------------
+# Inference: the blocked pass without gradients equals the training path
+# ----------------------------------------------------------------------------
+
+INFERENCE_MODULES = {
+    "rada": lambda: RationalMask(dim=64, chunk_elements=3 * 20 * 3 * 64),  # blocks of 3 images
+    "rada+adapter": lambda: RationalMask(dim=64, adapter_reduction=4, softmax="row", chunk_elements=1),
+    "mma+rada": lambda: MMARationalMask(dim=64, mma_heads=2, chunk_elements=2 * 20 * 3 * 64),
+}
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "plain"])
+@pytest.mark.parametrize("method", INFERENCE_MODULES)
+def test_inference_pass_matches_the_training_path(method, flash):
+    module = randomize_(INFERENCE_MODULES[method](), seed=16, gain=rada_gain(64))
+    image, text = raw_features(7, 20, 64, seed=17)
+    with attention_path("plain"):
+        logits, mask = module(image, text, SCALE, return_mask=True)  # with gradients: whole maps, autograd
+    saved = kernels.FLASH_CPU
+    kernels.FLASH_CPU = saved and flash
+    try:
+        with torch.no_grad():
+            got, got_mask = module(image, text, SCALE, return_mask=True)
+    finally:
+        kernels.FLASH_CPU = saved
+    assert_logits_close(got, logits.detach())
+    assert_mask_close(got_mask, mask.detach())
