@@ -11,13 +11,13 @@ implementations run on the same inputs and the same weights:
 
 Usage, from the repository root::
 
-    python benchmarks/kernels.py --device cpu --quick --json benchmarks/results/kernels_cpu_quick.json
+    python benchmarks/kernels.py --device cpu --quick --json benchmarks/results/kernels_cpu_quick.json  # K = 10, 32, 1000
     python benchmarks/kernels.py --device cpu --json benchmarks/results/kernels_cpu.json       # all sizes
     python benchmarks/kernels.py --device cuda --json benchmarks/results/kernels_cuda.json     # + bf16 autocast
     python benchmarks/kernels.py --classes 4 --batch 2 --dim 32 --repeats 1 --json /tmp/k.json  # smoke test
 
-``--quick`` runs K = 1000 at the CPU targets' batch sizes (RAda 8, MMA 256)
-only, timing a slow step once. Sizes: K in 10, 32, 100, 320, 1000; B in 8, 32
+``--quick`` runs K = 10, 32 and 1000 at the CPU targets' batch sizes (RAda 8,
+MMA 256) only, timing a slow step once. Sizes: K in 10, 32, 100, 320, 1000; B in 8, 32
 (RAda) and 32, 256 (MMA); D = 512; fp32, plus bf16 autocast on CUDA.
 
 Timing: after a tiny step that lets thread pools and BLAS set themselves up,
@@ -25,17 +25,18 @@ one warm-up step, then timed steps (at least ``--min-repeats``, more while
 they fit ``--budget`` seconds, at most ``--repeats``); the median is
 ``ms_median``. A step slower than ``--slow`` seconds is warm already and counts.
 ``cpu_ms_median`` (all threads' CPU time) and the load average show how much
-other work on the machine skewed the wall times.
+other work on the machine skewed the wall times; ``--threads`` sets torch's
+thread count in every point process (default: torch's).
 
 Memory: each point runs in fresh processes (``--point``). On CPU a memory
 process runs one step and reports its resident-set growth over the RSS after
 imports, inputs and weights (the high-water mark reset through
-``/proc/self/clear_refs``), with glibc's mmap threshold fixed at 1 MiB: by
-default malloc keeps freed blocks of up to 32 MB resident for reuse, so RSS
-would count heap fragmentation rather than what the step needs (the default
-figure, the growth over each implementation's first step in the shared timing
-process, fused first, is kept as ``peak_mb_default_malloc``: an indication
-only). On CUDA the peak is ``max_memory_allocated`` over each implementation's
+``/proc/self/clear_refs``), twice per implementation: once with glibc's mmap
+threshold fixed at 1 MiB (``peak_mb``), so that every large block is returned
+on free and RSS tracks live memory, and once with malloc's defaults
+(``peak_mb_default_malloc``), which keep freed blocks of up to 32 MB resident
+for reuse, so that RSS also counts heap fragmentation: what a user's process sees.
+On CUDA the peak is ``max_memory_allocated`` over each implementation's
 first step minus what was allocated before it. A point that runs out of
 memory is recorded with ``oom: true``.
 
@@ -75,6 +76,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a script: the repository root, for the imports below
 
 from benchmarks.common import REPO, environment, load_average, write_results  # noqa: E402
+from rada_mma import kernels  # noqa: E402
 from rada_mma.modules import MultiModalAdapter, RationalMask  # noqa: E402
 from rada_mma.official import to_official  # noqa: E402
 from tests.helpers.reference import ReleasedMMA, ReleasedRAda  # noqa: E402  (the released formulation)
@@ -84,6 +86,7 @@ IMPLS = ("released", "fused")
 CLASSES = (10, 32, 100, 320, 1000)
 BATCHES = {"rada": (8, 32), "rada+adapter": (8, 32), "mma": (32, 256)}
 QUICK_BATCHES = {"rada": (8,), "rada+adapter": (8,), "mma": (256,)}  # the CPU targets
+QUICK_CLASSES = (10, 32, 1000)  # where the small-K path and the memory-lean path are chosen
 LOGIT_SCALE = 100.0
 REQUIRED_KEYS = (
     "method",
@@ -397,6 +400,22 @@ def _oom_record(record: dict, error: BaseException) -> dict:
     return {**record, "oom": True, "error": f"{type(error).__name__}: {str(error)[:200]}"}
 
 
+def _tiny_step(step, spec: dict, device: torch.device) -> None:
+    """One step at B = 1, K = 2, through the attention path the real size takes.
+
+    The fused kernels choose their path by size (``kernels.attention_path``): a tiny step
+    would take the plain path and leave the flash kernels' first-use set-up inside the
+    measurement, which the released form's tiny step does not.
+    """
+    real = kernels.attention_path(spec["batch"], 8, spec["classes"], torch.empty(0, device=device), needs_grad=True)
+    saved = kernels.MATERIALISE_ELEMENTS
+    kernels.MATERIALISE_ELEMENTS = saved if real == "plain" else 0
+    try:
+        step(*(x.to(device) for x in inputs(1, 2, spec["dim"], spec["seed"])))
+    finally:
+        kernels.MATERIALISE_ELEMENTS = saved
+
+
 def memory_point(spec: dict) -> dict:
     """Peak memory of one training step of ``spec["impl"]``, in this (fresh) process."""
     device, models, autocast, scale = _setup(spec)
@@ -404,7 +423,7 @@ def memory_point(spec: dict) -> dict:
     models.clear()
     step = _make_step(model, autocast, scale, {})
     # A tiny step first: thread pools and BLAS set themselves up outside the measurement.
-    step(*(x.to(device) for x in inputs(1, 2, spec["dim"], spec["seed"])))
+    _tiny_step(step, spec, device)
     data = tuple(x.to(device) for x in inputs(spec["batch"], spec["classes"], spec["dim"], spec["seed"]))
     record = _base_record(spec)
     memory = _Memory(device)
@@ -435,9 +454,8 @@ def timing_point(spec: dict) -> list[dict]:
     impls = [impl for impl in ("fused", "released") if impl in spec["impls"]]
     outputs = {impl: {} for impl in impls}
     steps = {impl: _make_step(models[impl], autocast, scale, outputs[impl]) for impl in impls}
-    tiny = tuple(x.to(device) for x in inputs(1, 2, spec["dim"], spec["seed"]))
     for impl in impls:
-        steps[impl](*tiny)
+        _tiny_step(steps[impl], spec, device)
     data = tuple(x.to(device) for x in inputs(spec["batch"], k, spec["dim"], spec["seed"]))
     records = {impl: _base_record({**spec, "impl": impl}) for impl in impls}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
@@ -461,7 +479,8 @@ def timing_point(spec: dict) -> list[dict]:
             memory.start()
             first = timed_step(impl)
             peak = round(memory.peak_mb(), 2)
-            records[impl]["peak_mb" if device.type == "cuda" else "peak_mb_default_malloc"] = peak
+            if device.type == "cuda":
+                records[impl]["peak_mb"] = peak
             if first >= spec["slow_s"]:  # after the tiny step, a slow first step is warm: it counts
                 times[impl].append(first)
             else:
@@ -507,7 +526,7 @@ def timing_point(spec: dict) -> list[dict]:
         ref = released_outputs(method, released, *data, scale, micro)
         for record in records.values():
             record["reference_micro_batch"] = micro
-    released_ms = records["released"].get("ms_median") or float("inf")
+    released_ms = records.get("released", {}).get("ms_median") or float("inf")
     exact = None
     if spec["dtype"] == "fp32" and released_ms * FP64_COST < 1e3 * spec["fp64_budget_s"]:
         micro = max(1, int(spec["ref_bytes"] // (20 * 8 * k * k * 8)))
@@ -578,7 +597,7 @@ def _subprocess(spec: dict, timeout: float, env: dict | None = None):
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])
     killed = done.returncode in (-9, 137)  # the kernel's OOM killer
-    if killed or "memory" in done.stderr[-500:].lower():
+    if killed or any(word in done.stderr[-500:] for word in ("MemoryError", "out of memory", "can't allocate")):
         return None
     raise RuntimeError(f"point {spec} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 
@@ -596,6 +615,9 @@ def measure(spec: dict, timeout: float) -> list[dict]:
         for impl in impls:
             record = _subprocess({**spec, "impl": impl, "mode": "memory"}, timeout, env=MEMORY_ENV)
             peaks[impl] = record or {**_base_record({**spec, "impl": impl}), "oom": True, "error": "killed"}
+            if record:  # the same step with malloc's defaults: what a user's process holds
+                default = _subprocess({**spec, "impl": impl, "mode": "memory"}, timeout)
+                peaks[impl]["peak_mb_default_malloc"] = default["peak_mb"] if default else None
     fits = [impl for impl in impls if not peaks.get(impl, {}).get("oom")]
     timed = _subprocess({**spec, "impls": fits, "mode": "time"}, timeout) if fits else []
     if timed is None and "released" in fits:  # the timing process died of the released form: time the rest
@@ -610,6 +632,7 @@ def measure(spec: dict, timeout: float) -> list[dict]:
         record = by_impl.get(impl) or peaks[impl]
         if impl in peaks and not record.get("oom"):
             record["peak_mb"] = peaks[impl]["peak_mb"]
+            record["peak_mb_default_malloc"] = peaks[impl].get("peak_mb_default_malloc")
         records.append(record)
     return records
 
@@ -633,7 +656,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
     for impl in impls:
         if impl not in IMPLS:
             raise SystemExit(f"unknown implementation {impl!r}; choose from {','.join(IMPLS)}")
-    classes = args.classes or ((1000,) if args.quick else CLASSES)
+    classes = args.classes or (QUICK_CLASSES if args.quick else CLASSES)
     sizes = []
     for method in methods:
         for batch in args.batch or (QUICK_BATCHES[method] if args.quick else BATCHES[method]):
@@ -684,6 +707,9 @@ def summarise(records: list[dict]) -> list[dict]:
                     default=None,
                 ),
                 memory_ratio=_ratio(rel.get("peak_mb"), fus.get("peak_mb")),
+                released_mb_default=rel.get("peak_mb_default_malloc"),
+                fused_mb_default=fus.get("peak_mb_default_malloc"),
+                memory_ratio_default=_ratio(rel.get("peak_mb_default_malloc"), fus.get("peak_mb_default_malloc")),
                 err_logits=fus.get("max_abs_err_logits"),
                 err_grads=fus.get("max_rel_err_grads"),
                 released_err64=rel.get("max_rel_err_grads_fp64"),
@@ -703,6 +729,12 @@ def _fmt(x, spec: str = ".1f") -> str:
     return format(x, spec)
 
 
+def _with_default(value, default, spec: str, unit: str = "") -> str:
+    """``"12.0 (15.0)"``: a figure and, where measured, its malloc-defaults twin."""
+    text = _fmt(value, spec) + (unit if value is not None else "")
+    return text if default is None else f"{text} ({_fmt(default, spec)}{unit})"
+
+
 def markdown(records: list[dict], meta: dict) -> str:
     lines = [
         f"# Fused kernels vs the released formulation ({meta['device']})",
@@ -713,9 +745,9 @@ def markdown(records: list[dict], meta: dict) -> str:
         "Peak memory (MB): CUDA, `max_memory_allocated` over a step minus what inputs and weights "
         "held; CPU, the resident-set growth of a fresh process over one step, with glibc's mmap "
         "threshold fixed at 1 MiB so that freed blocks leave the resident set as they leave CUDA's "
-        "allocated count (malloc's defaults keep freed blocks of up to 32 MB resident; the JSON's "
-        "`peak_mb_default_malloc` is the growth over each implementation's first step in the timing process, "
-        "an indication only). Errors: fused vs released, "
+        "allocated count, and in parentheses with malloc's defaults (freed blocks of up to 32 MB stay "
+        "resident: what a user's process holds, fragmentation included; "
+"measured the same way in its own process). Errors: fused vs released, "
         "max |Δ logits| and the largest relative gradient error over parameters; where affordable, "
         "both implementations' gradient errors against the released form run in float64 "
         "(fp32 is not exact: the released form's own fp32 gradients are the less accurate ones). "
@@ -731,13 +763,14 @@ def markdown(records: list[dict], meta: dict) -> str:
     ]
     for r in summarise(records):
         rel_ms = "OOM" if r["released_oom"] else _fmt(r["released_ms"])
-        rel_mb = "OOM" if r["released_oom"] else _fmt(r["released_mb"])
-        fus_mb = _fmt(r["fused_mb"])
+        rel_mb = "OOM" if r["released_oom"] else _with_default(r["released_mb"], r["released_mb_default"], ".1f")
+        fus_mb = _with_default(r["fused_mb"], r["fused_mb_default"], ".1f")
         lines.append(
             f"| {r['method']} | {r['batch']} | {r['classes']} | {r['dtype']} | {rel_ms} | {_fmt(r['fused_ms'])} | "
             f"{_fmt(r['speedup'], '.1f')}× | {_fmt(r['cpu_speedup'], '.1f')}× | {_fmt(r['load'], '.1f')} | "
             f"{rel_mb} | {fus_mb} | "
-            f"{_fmt(r['memory_ratio'], '.1f')}× | {_fmt(r['err_logits'], '.1e')} | {_fmt(r['err_grads'], '.1e')} | "
+            f"{_with_default(r['memory_ratio'], r['memory_ratio_default'], '.1f', '×')} | "
+            f"{_fmt(r['err_logits'], '.1e')} | {_fmt(r['err_grads'], '.1e')} | "
             f"{_fmt(r['released_err64'], '.1e')} / {_fmt(r['fused_err64'], '.1e')} | "
             f"{_fmt(r['achieved_gflops'], '.1f')} | {_fmt(r['fraction_of_matmul'] and 100 * r['fraction_of_matmul'], '.0f')}% |"
         )
@@ -831,16 +864,21 @@ def main(argv: list[str] | None = None) -> int:
         "--matmul-size", type=int, default=2048, help="side of the square matmul timed for peak FLOP/s"
     )
     parser.add_argument("--point-timeout", type=float, default=900.0)
+    parser.add_argument("--threads", type=int, help="torch threads in every point process (default: torch's)")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: run one point, print its record
     args = parser.parse_args(argv)
 
     if args.point:
         spec = json.loads(args.point)
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
         if spec["device"] == "cpu":
             _limit_memory(spec.get("memory_limit"))
         print(json.dumps(memory_point(spec) if spec["mode"] == "memory" else timing_point(spec)))
         return 0
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -867,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
             slow_s=args.slow,
             matmul_size=args.matmul_size,
             memory_limit=memory_limit,
+            threads=args.threads,
             ref_bytes=4 * 2**30,
         )
         started = time.perf_counter()

@@ -2,6 +2,9 @@
 
 >>> from rada_mma import wrap
 >>> model = wrap(clip_model, method="rada")
+>>> model = rada_mma.load(clip_model, "pets-rada.safetensors")     # a trained one, classes included
+>>> model.predict(images, k=5).names
+>>> rada_mma.export(model, "pets-rada.onnx", format="onnx")
 
 The package has three layers, each importing only those below it: this core
 (torch, einops, safetensors), :mod:`rada_mma.fewshot` (data, feature cache,
@@ -16,10 +19,19 @@ from typing import Any
 
 from ._version import __version__
 from .config import METHODS, AdapterConfig
+from .exporting import export
 from .modules import MMARationalMask, MultiModalAdapter, RationalMask, ResidualAdapter, build_adapter
 from .official import from_official, to_official
-from .serialization import load_adapter, read_adapter_config, save_adapter
-from .wrapper import AdaptedCLIP, wrap
+from .serialization import (
+    AdapterFile,
+    BaseIdentity,
+    ClassSet,
+    load_adapter,
+    read_adapter,
+    read_adapter_config,
+    save_adapter,
+)
+from .wrapper import AdaptedCLIP, Prediction, load, wrap
 
 # Names that 0.1 exported from the package root and that now live in the few-shot pipeline.
 _MOVED = frozenset(
@@ -44,14 +56,21 @@ __all__ = [
     "METHODS",
     "AdaptedCLIP",
     "AdapterConfig",
+    "AdapterFile",
+    "BaseIdentity",
+    "ClassSet",
     "MMARationalMask",
     "MultiModalAdapter",
+    "Prediction",
     "RationalMask",
     "ResidualAdapter",
     "__version__",
     "build_adapter",
+    "export",
     "from_official",
+    "load",
     "load_adapter",
+    "read_adapter",
     "read_adapter_config",
     "save_adapter",
     "to_official",

@@ -54,6 +54,16 @@ class Backend:
     def tokenize(self, tokenizer: Any, texts: list[str]) -> Any:
         return tokenizer(texts)
 
+    def image_size(self, model: nn.Module) -> tuple[int, int] | None:
+        """``(H, W)`` of the images the model takes, where it tells (open_clip, OpenAI, Hugging Face)."""
+        visual = getattr(model, "visual", None)
+        for value in (getattr(visual, "image_size", None), getattr(visual, "input_resolution", None)):
+            if isinstance(value, int):
+                return value, value
+            if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+                return tuple(value)
+        return None
+
 
 class OpenCLIPBackend(Backend):
     """open_clip ``CLIP`` and ``CustomTextCLIP`` (SigLIP-style models keep ``logit_bias``)."""
@@ -115,6 +125,10 @@ class HuggingFaceBackend(Backend):
             if isinstance(value, int):
                 return value
         return None
+
+    def image_size(self, model):
+        size = getattr(getattr(getattr(model, "config", None), "vision_config", None), "image_size", None)
+        return (size, size) if isinstance(size, int) else None
 
     def tokenize(self, tokenizer, texts):
         if hasattr(tokenizer, "model_input_names"):  # a transformers tokenizer

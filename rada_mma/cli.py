@@ -5,6 +5,7 @@ printed as one line, exit status 2.
     rada-mma fit --model ViT-B-16 --pretrained openai --data ~/data/oxford_pets \\
         --method rada --shots 16 --seed 1 --out runs/pets-rada
     rada-mma fit --model world-clip --data runs/demo/data/WorldShapes --out runs/ws-rada   # the shipped CLIP
+    rada-mma predict --adapter runs/ws-rada/adapter.safetensors --images photos/ --out preds.jsonl
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from .fewshot import distributed
 from .fewshot.cache import DATA_HASHES
 from .fewshot.evaluation import markdown_table
 from .fewshot.models import RANDOM_WEIGHTS
+from .fewshot.predict import predict_images, with_adapter_base
 from .fewshot.protocol import DRAWS, RunSpec, extract, run_base_to_new, run_grid
 from .fewshot.settings import BENCH_SETTINGS, evaluate, run_all_classes, run_shot_sweep, run_transfer_grid
 from .fewshot.train import CHOICES, TrainConfig
@@ -49,6 +52,7 @@ log = logging.getLogger("rada_mma")
 _FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "model_config", "split_file", "cache_dir", "pretrained", "adapter", "device", "model", "data", "shots", "source",
     "extract_batch_size", "data_hash", "batch_size", "weight_decay", "warmup_epochs", "warmup_lr",
+    "images", "classes", "overwrite",
 )}
 _FLAGS["out_dir"] = _FLAGS["out"] = "--out"
 
@@ -264,6 +268,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"results of {len(rows)} runs in {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'}")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    """``rada-mma predict``: the model from the flags, or the one the adapter file records."""
+    spec = RunSpec(
+        model=args.model, pretrained=args.pretrained, model_config=args.model_config, device=args.device,
+        adapter=args.adapter, templates=tuple(args.template) if args.template else None, progress=args.progress,
+    )
+    spec = with_adapter_base(spec)
+    spec = with_world_clip(spec) if spec.model == WORLD_MODEL else spec
+    summary = predict_images(spec, args.images, args.out, k=args.k, batch_size=args.batch_size, classes=args.classes,
+                             overwrite=args.overwrite, strict=args.strict)
+    unreadable = f"; {summary.failed} unreadable, reported on their lines" if summary.failed else ""
+    print(f"{summary.images - summary.failed} images classified{unreadable}: {summary.out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """``rada-mma demo``: run, then print the table (base-to-new: beside the published averages)."""
     from tqdm.auto import tqdm
@@ -363,8 +381,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out(p, help="folder of the runs (OUT/<dataset>/<run>-seed<N>), the table and the plot")
     p.set_defaults(func=cmd_bench)
 
+    _add_predict(sub)
     _add_demo(sub)
     return parser
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="classify images with a saved adapter: one line per image (path, top-k classes, probabilities)",
+        description="Loads the adapter file (its method, weights and classes) onto its CLIP and writes the top-k "
+                    "classes of every image to a .jsonl or .csv file. Without --model the CLIP is the one the file "
+                    "records (e.g. world-clip, or an open_clip name and pretrained tag).",
+    )
+    p.add_argument("--adapter", required=True, help="the adapter file (e.g. OUT/adapter.safetensors written by fit)")
+    p.add_argument("--images", required=True, nargs="+", help="image files and folders (searched for images at any depth)")
+    p.add_argument("--out", required=True, help="the predictions file: .jsonl or .csv")
+    p.add_argument("--k", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--classes", nargs="+", default=None,
+                   help="class names to score instead of those the adapter file holds (with --template)")
+    p.add_argument("--template", action="append", default=None,
+                   help="prompt template with {} for --classes; repeat for an ensemble (default: the file's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--strict", action="store_true",
+                   help="an adapter trained on another base model is an error (default: a warning)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _add_model(p, default_help="default: the base model the adapter file records")
+    p.set_defaults(func=cmd_predict)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -401,6 +444,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _one_line(err: BaseException) -> str:
     """The error as one line, Python argument names written as the flags that set them."""
     message = " ".join(str(err).split()) or type(err).__name__
+    message = re.sub(r"\b(" + "|".join(_FLAGS) + r")=True\b", lambda m: _FLAGS[m.group(1)], message)  # switches
     message = re.sub(r"\b(" + "|".join(_FLAGS) + r")=", lambda m: _FLAGS[m.group(1)] + " ", message)
     snake = [name for name in _FLAGS if "_" in name]  # plain words such as "model" stay words
     return re.sub(r"\b(" + "|".join(snake) + r")\b", lambda m: _FLAGS[m.group(1)], message)
@@ -412,11 +456,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed.init_from_env()
-    try:
-        args.func(args)
-    except (OSError, ValueError, TypeError) as err:
-        print(f"rada-mma {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        # a warning (e.g. an adapter loaded onto another base model) is one line too
+        warnings.showwarning = lambda message, *_, **__: print(
+            f"rada-mma {args.command}: warning: {_one_line(message)}", file=sys.stderr
+        )
+        try:
+            args.func(args)
+        except (OSError, ValueError, TypeError) as err:
+            print(f"rada-mma {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
     return 0
 
 

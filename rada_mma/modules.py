@@ -63,12 +63,20 @@ def _pair(layer: nn.Linear) -> tuple[Tensor, Tensor]:
 
 
 def check_features(
-    image_features: Tensor, text_features: Tensor, dim: int, logit_scale: Tensor | float | None = None
+    image_features: Tensor,
+    text_features: Tensor,
+    dim: int,
+    logit_scale: Tensor | float | None = None,
+    *,
+    finite: bool = True,
 ) -> None:
     """Raise a clear error for features (and a logit scale) an adapter of width ``dim`` cannot take.
 
-    Shapes and dtypes are checked always; values (NaN or infinite entries, all-zero rows, a scale that is
-    not a finite number > 0) in eager mode, with one device synchronisation for all of them.
+    Shapes and dtypes are checked always, a scale given as a number too. With ``finite``, values
+    (NaN or infinite entries, all-zero rows, a scale tensor that is not a finite number > 0) are
+    checked for CPU tensors in eager mode (not while compiling or exporting), in one pass. CUDA
+    tensors are never read: that would make the host wait for the device on every call (the
+    wrapper checks class features once per class set instead).
     """
     if not isinstance(image_features, Tensor) or not isinstance(text_features, Tensor):
         raise TypeError(
@@ -100,12 +108,12 @@ def check_features(
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}; pass the encoder's output")
     scale = _scale_value(logit_scale)
-    if torch.compiler.is_compiling():
-        return  # value checks would break the graph; eager calls still check
+    if not finite or image_features.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return  # value checks would wait for the device, or break the graph; eager CPU calls check
     flags = [check for _, x in named for check in (torch.isfinite(x).all(), x.ne(0).any(dim=-1).all())]
     if isinstance(scale, Tensor):
         flags.append(torch.isfinite(scale) & (scale > 0))
-    if all(torch.stack([f.to(image_features.device) for f in flags]).tolist()):  # the one synchronisation
+    if all(torch.stack([f.to(image_features.device) for f in flags]).tolist()):
         return
     for name, x in named:
         if not bool(torch.isfinite(x).all()):
@@ -177,9 +185,13 @@ def _compute_dtype(image: Tensor, text: Tensor, parameters: Tensor) -> torch.dty
 
 
 class _Adapter(nn.Module):
-    """What every adapter shares: checks, the loss, the config."""
+    """What every adapter shares: checks, the loss, the config, the class-side terms."""
 
     config: AdapterConfig
+    # Check features for NaN and infinity on every forward pass, for CPU tensors (eager mode only).
+    # Never on CUDA: reading a value would make the host wait for the device in the training
+    # step; the wrapper checks class features once per class set instead. False skips it on CPU too.
+    check_finite: bool = True
 
     @property
     def dim(self) -> int:
@@ -210,15 +222,52 @@ class _Adapter(nn.Module):
                 f"method {self.config.method!r} has no rational mask; return_mask=True is for "
                 "'rada', 'rada+adapter' and 'mma+rada'"
             )
-        check_features(image_features, text_features, self.dim, logit_scale)
+        check_features(image_features, text_features, self.dim, logit_scale, finite=self.check_finite)
         # fp16 features (OpenAI's models on CUDA) meet fp32 parameters: the adapter math runs in fp32
-        dtype = _compute_dtype(image_features, text_features, next(self.parameters()))
+        dtype = self.compute_dtype(image_features, text_features)
         image_features, text_features = image_features.to(dtype), text_features.to(dtype)
         scale = _scale_tensor(logit_scale, image_features)
-        logits, mask = self._logits(image_features, text_features, scale)
+        logits, mask = self.logits_from_terms(image_features, self.class_terms(text_features, scale), scale)
         return (logits, mask) if return_mask else logits
 
-    def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor | None]:
+    def compute_dtype(self, features: Tensor, text_features: Tensor | None = None) -> torch.dtype:
+        """The dtype the adapter computes in for ``features`` (and ``text_features``): at least its parameters'
+        (fp16 features meet fp32 parameters in fp32); features wider than the parameters are an error outside
+        autocast (see :func:`_compute_dtype`)."""
+        text = features if text_features is None else text_features
+        return _compute_dtype(features, text, next(self.parameters()))
+
+    def class_terms(self, text_features: Tensor, scale: Tensor) -> dict[str, Tensor]:
+        """Everything the logits need from the classes alone, for :meth:`logits_from_terms`.
+
+        With frozen encoders and fixed classes this is computed once per class set
+        (:meth:`rada_mma.AdaptedCLIP.predict` and :func:`rada_mma.export` do); a forward
+        pass computes it each time, so that gradients reach the parameters it uses.
+
+        Args:
+            text_features: ``(K, D)`` raw class text features, in :meth:`compute_dtype`.
+            scale: the multiplicative logit scale, a scalar fp32 tensor.
+
+        Returns:
+            Named tensors: ``"text"``, the ``(K, D)`` normalised (adapted) class features,
+            and the method's own terms (RAda: its text queries; MMA: the class keys and values).
+        """
+        raise NotImplementedError
+
+    def logits_from_terms(
+        self, image_features: Tensor, terms: dict[str, Tensor], scale: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits ``(B, K)`` and the mask ``(B, K, D)`` (``None`` without one) from raw image features.
+
+        Args:
+            image_features: ``(B, D)`` raw image embeddings, in :meth:`compute_dtype`.
+            terms: :meth:`class_terms` of the class set.
+            scale: the multiplicative logit scale, a scalar fp32 tensor.
+
+        Example:
+            >>> terms = adapter.class_terms(text, scale)        # once per class set
+            >>> logits, _ = adapter.logits_from_terms(image, terms, scale)
+        """
         raise NotImplementedError
 
     def regularization(self, mask: Tensor | None) -> Tensor:
@@ -418,29 +467,40 @@ class RationalMask(_Adapter):
             if adapter is not None:
                 adapter.reset_parameters(generator)
 
-    def mask(self, f: Tensor, h: Tensor, scale: Tensor) -> Tensor:
-        """The ``(B, K, D)`` mask for normalised ``f`` ``(B, D)`` and ``h`` ``(K, D)`` or ``(B, K, D)``."""
+    def _attention(self) -> dict[str, Any]:
         c = self.config
-        return kernels.rada_mask(
-            f,
-            h,
-            scale,
+        return dict(
             query_image=_pair(self.query_image),
             query_text=_pair(self.query_text),
             qkv_rational=_pair(self.to_qkv_rational),
-            out=_pair(self.to_out),
             heads=c.heads,
             temperature=c.temperature,
             softmax=c.softmax,
             chunk_elements=self.chunk_elements,
         )
 
-    def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-        if self.image_adapter is not None:
-            image, text = self.image_adapter(image), self.text_adapter(text)
-        f, h = kernels.normalize(image), kernels.normalize(text)
-        mask = self.mask(f, h, scale)
-        return kernels.rada_logits(mask, f, h, scale), mask
+    def mask(self, f: Tensor, h: Tensor, scale: Tensor, *, text_queries: Tensor | None = None) -> Tensor:
+        """The ``(B, K, D)`` mask for normalised ``f`` ``(B, D)`` and ``h`` ``(K, D)`` or ``(B, K, D)``.
+
+        ``text_queries``: :func:`rada_mma.kernels.rada_text_queries` of ``h``, when computed once per class set.
+        """
+        return kernels.rada_mask(f, h, scale, out=_pair(self.to_out), text_queries=text_queries, **self._attention())
+
+    def masked_logits(
+        self, f: Tensor, h: Tensor, scale: Tensor, *, text_queries: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Logits ``(B, K)`` and mask ``(B, K, D)`` for normalised ``f`` and ``h`` (as :meth:`mask` takes them)."""
+        return kernels.rada_masked_logits(f, h, scale, out=_pair(self.to_out), text_queries=text_queries,
+                                          **self._attention())
+
+    def class_terms(self, text_features: Tensor, scale: Tensor) -> dict[str, Tensor]:
+        text = text_features if self.text_adapter is None else self.text_adapter(text_features)
+        h = kernels.normalize(text)  # (K, D)
+        return {"text": h, "text_queries": kernels.rada_text_queries(h, scale, _pair(self.query_text))}
+
+    def logits_from_terms(self, image_features: Tensor, terms: dict[str, Tensor], scale: Tensor) -> tuple[Tensor, Tensor]:
+        image = image_features if self.image_adapter is None else self.image_adapter(image_features)
+        return self.masked_logits(kernels.normalize(image), terms["text"], scale, text_queries=terms["text_queries"])
 
     def extra_repr(self) -> str:
         c = self.config
@@ -509,8 +569,14 @@ class MultiModalAdapter(_Adapter):
         nn.init.zeros_(self.to_qkv.bias)
         nn.init.zeros_(self.to_out.bias)
 
-    def adapted_features(self, f: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Paper variant: adapted image features ``f'`` and the per-image text direction ``t̂``, both ``(B, D)``."""
+    def adapted_features(
+        self, f: Tensor, h: Tensor, *, class_terms: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Paper variant: adapted image features ``f'`` and the per-image text direction ``t̂``, both ``(B, D)``.
+
+        ``class_terms``: the class keys and values (:func:`rada_mma.kernels.mma_class_terms`), when
+        computed once per class set.
+        """
         c = self.config
         return kernels.mma_text_features(
             f,
@@ -521,6 +587,7 @@ class MultiModalAdapter(_Adapter):
             up=_pair(self.up),
             heads=c.mma_heads,
             blend=c.blend,
+            class_terms=class_terms,
         )
 
     def image_attention(self, f: Tensor, h: Tensor) -> Tensor:
@@ -530,23 +597,35 @@ class MultiModalAdapter(_Adapter):
             master=self.variant == "master",
         )
 
-    def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, None]:
+    def _down_layers(self) -> tuple:
+        return (_pair(self.down[0]), _pair(self.down[1])) if self.variant == "master" else _pair(self.down)
+
+    def class_terms(self, text_features: Tensor, scale: Tensor) -> dict[str, Tensor]:
+        h = kernels.normalize(text_features)  # (K, D)
+        options = dict(down=self._down_layers(), in_proj=_pair(self.to_qkv), heads=self.config.mma_heads)
+        if self.variant == "master":
+            return {"text": h, **kernels.mma_master_class_terms(h, **options)}
+        keys, values = kernels.mma_class_terms(h, **options)
+        return {"text": h, "keys": keys, "values": values}
+
+    def logits_from_terms(self, image_features: Tensor, terms: dict[str, Tensor], scale: Tensor) -> tuple[Tensor, None]:
         c = self.config
-        f, h = kernels.normalize(image), kernels.normalize(text)
+        f, h = kernels.normalize(image_features), terms["text"]
         if self.variant == "master":
             logits = kernels.mma_master_logits(
                 f,
                 h,
                 scale,
-                down=(_pair(self.down[0]), _pair(self.down[1])),
+                down=self._down_layers(),
                 in_proj=_pair(self.to_qkv),
                 out_proj=_pair(self.to_out),
                 up=(_pair(self.up[0]), _pair(self.up[2])),
                 heads=c.mma_heads,
                 blend=c.blend,
+                class_terms={k: v for k, v in terms.items() if k != "text"},
             )
             return logits, None
-        f2, t = self.adapted_features(f, h)
+        f2, t = self.adapted_features(f, h, class_terms=(terms["keys"], terms["values"]))
         return kernels.mma_logits(f2, t, h, scale, c.blend), None
 
     def extra_repr(self) -> str:
@@ -573,12 +652,14 @@ class MMARationalMask(_Adapter):
         self.mma = MultiModalAdapter(dataclasses.replace(self.config, method="mma"), generator=generator)
         self.rada = RationalMask(dataclasses.replace(self.config, method="rada"), generator=generator, **chunk)
 
-    def _logits(self, image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-        f, h = kernels.normalize(image), kernels.normalize(text)
-        f2, t = self.mma.adapted_features(f, h)  # (B, D), (B, D)
+    def class_terms(self, text_features: Tensor, scale: Tensor) -> dict[str, Tensor]:
+        return self.mma.class_terms(text_features, scale)  # RAda's text queries differ per image here
+
+    def logits_from_terms(self, image_features: Tensor, terms: dict[str, Tensor], scale: Tensor) -> tuple[Tensor, Tensor]:
+        f, h = kernels.normalize(image_features), terms["text"]
+        f2, t = self.mma.adapted_features(f, h, class_terms=(terms["keys"], terms["values"]))  # (B, D), (B, D)
         h2 = kernels.mma_adapted_text(t, h, self.config.blend)  # (B, K, D)
-        mask = self.rada.mask(f2, h2, scale)
-        return kernels.rada_logits(mask, f2, h2, scale), mask
+        return self.rada.masked_logits(f2, h2, scale)
 
 
 _MODULES: dict[str, type[_Adapter]] = {

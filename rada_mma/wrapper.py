@@ -1,13 +1,16 @@
-"""``wrap``: attach an adapter to an existing CLIP by composition.
+"""``wrap``: attach an adapter to an existing CLIP by composition; ``load``: a saved one, in one call.
 
 The wrapper holds the base model and calls its public encoders; it never
 patches the model. With the backbone frozen (the default) encoders run under
-``torch.no_grad`` in eval mode and the class text features are computed once.
+``torch.no_grad`` in eval mode and the class text features are computed once;
+without gradients (evaluation, :meth:`AdaptedCLIP.predict`) so is everything
+else the adapter derives from the classes alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import string
 import warnings
@@ -21,12 +24,26 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from ._version import __version__
 from .backends import Backend, detect_backend, model_device
 from .config import AdapterConfig
+from .io import write_json
 from .modules import _Adapter, build_adapter, check_features, check_logit_scale, classification_loss
-from .serialization import load_adapter, save_adapter
+from .serialization import (
+    BaseIdentity,
+    ClassSet,
+    base_identity,
+    check_base,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
 
-__all__ = ["AdaptedCLIP", "wrap"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILE", "AdaptedCLIP", "Prediction", "load", "wrap"]
+
+# The files of a folder written by AdaptedCLIP.save_pretrained (peft's layout, our names)
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 Template = str | Callable[[str], str]
 DEFAULT_TEMPLATES: tuple[Template, ...] = ("a photo of a {}.",)
@@ -56,6 +73,8 @@ def wrap(
     logit_scale: float | None = None,
     config: AdapterConfig | None = None,
     generator: torch.Generator | None = None,
+    base_name: str | None = None,
+    pretrained: str | None = None,
     **options: Any,
 ) -> AdaptedCLIP:
     """Attach a ``method`` adapter to a CLIP model.
@@ -71,6 +90,9 @@ def wrap(
         logit_scale: multiplicative logit scale, when the model has no ``logit_scale``.
         config: a full :class:`AdapterConfig` instead of ``method`` and ``options``.
         generator: draws the adapter's initial weights.
+        base_name: the base model's architecture (e.g. ``"ViT-B-16"``), recorded in saved
+            adapters; Hugging Face models tell it themselves.
+        pretrained: the pretrained tag or weights file the base was loaded from, recorded too.
         **options: adapter options (``heads``, ``temperature``, ``alpha``, ``blend``, ...).
 
     Wrapping freezes the backbone's parameters (all but the encoders' with
@@ -109,7 +131,10 @@ def wrap(
     # refused here, once, rather than as NaN logits later (RAda takes its square root)
     check_logit_scale(logit_scale if logit_scale is not None else own_scale.detach().reshape(()))
     adapter = build_adapter(config, generator=generator).to(model_device(model))
-    return AdaptedCLIP(model, adapter, chosen, freeze_backbone=freeze_backbone, logit_scale=logit_scale)
+    return AdaptedCLIP(
+        model, adapter, chosen, freeze_backbone=freeze_backbone, logit_scale=logit_scale, base_name=base_name,
+        pretrained=pretrained,
+    )
 
 
 class AdaptedCLIP(nn.Module):
@@ -123,6 +148,9 @@ class AdaptedCLIP(nn.Module):
     adapter and the class features, as for any module: the encoders and the
     adapter then compute in that dtype, and the encoders' outputs and the logits
     still come back in fp32.
+
+    ``model.logit_scale`` is the base model's stored (log) scale, as on the base:
+    ``model.logit_scale.exp()`` is the multiplier; :meth:`multiplicative_scale` gives it directly.
     """
 
     def __init__(
@@ -133,6 +161,8 @@ class AdaptedCLIP(nn.Module):
         *,
         freeze_backbone: bool = True,
         logit_scale: float | None = None,
+        base_name: str | None = None,
+        pretrained: str | None = None,
     ):
         super().__init__()
         self.base = base
@@ -140,6 +170,12 @@ class AdaptedCLIP(nn.Module):
         self.backend = backend
         self.freeze_backbone = freeze_backbone
         self._fixed_scale = logit_scale
+        # what saved adapters record about the base (see base_identity)
+        self.base_name = base_name or _own_name(base)
+        self.base_pretrained = pretrained
+        self.class_names: tuple[str, ...] | None = None  # names of the classes set, when known
+        self.class_templates: tuple[str, ...] | None = None  # their prompt templates, when strings
+        self._terms: tuple[tuple, dict[str, Tensor]] | None = None  # (freshness key, adapter.class_terms)
         # what unwrap() restores: the caller's requires_grad flags and modes from before the first wrap
         self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
         self._base_modes = {name: m.training for name, m in base.named_modules()}
@@ -172,6 +208,7 @@ class AdaptedCLIP(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
+        state["_terms"] = None  # recomputed on demand; its key names this process's tensors
         if self._regularization is not None:
             # the last forward's graph cannot be copied or pickled: a copy keeps its value, without gradient
             state["_regularization"] = self._regularization.detach()
@@ -180,6 +217,10 @@ class AdaptedCLIP(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._hold_base()  # a deep copy holds its copy of the base as the original holds the base
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the cached class terms are stale
+        self._terms = None
+        return super()._apply(fn, recurse)
 
     # -- modes ------------------------------------------------------------------------------
 
@@ -197,6 +238,11 @@ class AdaptedCLIP(nn.Module):
             yield
         finally:
             self._adapter_enabled = previous
+
+    @property
+    def adapter_enabled(self) -> bool:
+        """``False`` inside :meth:`disable_adapter`: the model gives zero-shot CLIP logits."""
+        return self._adapter_enabled
 
     def unwrap(self) -> nn.Module:
         """The base model, with its original ``requires_grad`` flags and train/eval mode.
@@ -248,8 +294,19 @@ class AdaptedCLIP(nn.Module):
         with self._encoder_context():
             return self.backend.encode_text(self.base, tokens).float()
 
+    @property
     def logit_scale(self) -> Tensor:
-        """The multiplicative logit scale ``s``, fp32, never trained."""
+        """The stored log logit scale, as on the base model: ``model.logit_scale.exp()`` is ``s``.
+
+        The base model's own tensor where it has one; never trained by the wrapper.
+        """
+        stored = getattr(self.base, "logit_scale", None)
+        if self._fixed_scale is None and isinstance(stored, Tensor):
+            return stored
+        return self.multiplicative_scale().log()
+
+    def multiplicative_scale(self) -> Tensor:
+        """The multiplicative logit scale ``s`` (``exp`` of :attr:`logit_scale`), fp32, without gradient."""
         if self._fixed_scale is not None:
             return torch.tensor(float(self._fixed_scale), device=model_device(self.adapter))
         return self.backend.logit_scale(self.base).detach().float().reshape(())
@@ -345,6 +402,7 @@ class AdaptedCLIP(nn.Module):
         tokenizer: Callable[..., Any] | None = None,
         templates: Sequence[Template] | None = None,
         text_features: Tensor | None = None,
+        names: Sequence[str] | None = None,
         batch_size: int = 256,
     ) -> AdaptedCLIP:
         """Set the K classes the model scores; changing classes (base → new) is one call.
@@ -360,6 +418,9 @@ class AdaptedCLIP(nn.Module):
         Several templates are ensembled as open_clip's zero-shot classifier does:
         normalise each, average, normalise. With the backbone frozen the features
         are computed once here, without gradients.
+
+        ``names=`` names the classes given as token ids or features (class names name
+        themselves): :meth:`predict` reports them and :meth:`save_adapter` can store them.
         """
         given = sum(x is not None for x in (classes, text_features))
         if given != 1:
@@ -367,21 +428,24 @@ class AdaptedCLIP(nn.Module):
         if text_features is not None:
             features = _ensemble(_usable_rows(self._check_text_features(text_features)))
             self._class_tokens = None
-            self._store(features)
+            self._store(features, names, _string_templates(templates))
             return self
         if isinstance(classes, str):
             raise TypeError("classes must be a list of class names, not a single string")
         if isinstance(classes, Sequence) and all(isinstance(c, str) for c in classes):
             if tokenizer is None:
                 raise ValueError("class names need a tokenizer: set_classes(names, tokenizer=open_clip.get_tokenizer(...))")
+            if names is not None and list(names) != list(classes):
+                raise ValueError("names= is for classes given as token ids or features; class names name themselves")
             tokens = self.tokenize_prompts(classes, tokenizer=tokenizer, templates=templates)
+            names, templates = classes, list(DEFAULT_TEMPLATES if templates is None else templates)
         elif templates is not None or tokenizer is not None:
             raise ValueError("tokenizer= and templates= go with class names; token ids are used as given")
         else:
             tokens = classes
         features = self.encode_class_tokens(tokens, batch_size=batch_size)  # (K, T, D)
         self._class_tokens = tokens if not self.freeze_backbone else None
-        self._store(_ensemble(_usable_rows(features)))
+        self._store(_ensemble(_usable_rows(features)), names, _string_templates(templates))
         return self
 
     def _check_text_features(self, features: Tensor) -> Tensor:
@@ -399,12 +463,21 @@ class AdaptedCLIP(nn.Module):
             )
         return features.detach().float() if self.freeze_backbone else features.float()
 
-    def _store(self, features: Tensor) -> None:
+    def _store(self, features: Tensor, names: Sequence[str] | None, templates: tuple[str, ...] | None) -> None:
+        # checked once per class set (this reads the values: on CUDA the host waits for the device once)
         if not bool(torch.isfinite(features.detach()).all()):
             raise ValueError("class text features contain NaN or infinite values; check the tokens and the text encoder")
+        if names is not None:
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise TypeError("names must be a list of class names (strings)")
+            if len(names) != features.shape[0]:
+                raise ValueError(f"got {len(names)} names for K = {features.shape[0]} classes")
         # in the adapter's dtype, as model.half() leaves a buffer set before it
         self.class_features = features.detach().to(self._adapter_dtype())
+        self.class_names = None if names is None else tuple(names)
+        self.class_templates = templates
         self._regularization = None
+        self._terms = None
 
     def _adapter_dtype(self) -> torch.dtype:
         return next(self.adapter.parameters()).dtype
@@ -439,26 +512,29 @@ class AdaptedCLIP(nn.Module):
 
     def forward(self, images: Any) -> Tensor:
         """Logits ``(B, K)`` for a batch of images (preprocessed as the base model expects)."""
-        text = self.text_features()
-        return self.logits_from_features(self.encode_image(images), text)
+        self.text_features()  # no classes set: say so before running the image encoder
+        return self.logits_from_features(self.encode_image(images))
 
     def logits_from_features(self, image_features: Tensor, text_features: Tensor | None = None) -> Tensor:
         """Logits ``(B, K)`` in fp32 from raw image embeddings ``(B, D)`` (e.g. from a feature cache).
 
         After ``model.half()`` (or bf16) the adapter runs under autocast to its parameters' dtype:
         its matrix products in that dtype, norms and softmax statistics in fp32, as its kernels do
-        under any autocast. Zero-shot logits are computed in fp32.
+        under any autocast. Zero-shot logits are computed in fp32. Without gradients and with the
+        stored classes, the adapter's class-side terms are computed once per class set.
         """
         text = self.text_features() if text_features is None else text_features
-        scale = self.logit_scale()
+        scale = self.multiplicative_scale()
         if self._adapter_enabled:
             with self._adapter_precision():
-                if self.adapter.has_mask and self.adapter.config.alpha > 0:
+                if text_features is None and self._class_tokens is None and not torch.is_grad_enabled():
+                    logits, mask = self._logits_from_cached_terms(image_features, scale)
+                elif self.adapter.has_mask and self.adapter.config.alpha > 0:
                     logits, mask = self.adapter(image_features, text, scale, return_mask=True)
-                    self._regularization = self.adapter.regularization(mask)
                 else:
-                    logits = self.adapter(image_features, text, scale)
-                    self._regularization = None
+                    logits, mask = self.adapter(image_features, text, scale), None
+                regularised = mask is not None and self.adapter.config.alpha > 0
+                self._regularization = self.adapter.regularization(mask) if regularised else None
         else:
             self._regularization = None
             check_features(image_features, text, self.adapter.dim, scale)
@@ -466,6 +542,73 @@ class AdaptedCLIP(nn.Module):
         bias = self.logit_bias()
         logits = logits.float()
         return logits if bias is None else logits + bias
+
+    def class_terms(self) -> dict[str, Tensor]:
+        """The adapter's class-side terms for the stored classes (:meth:`rada_mma.RationalMask.class_terms`).
+
+        Computed without gradients once per class set, adapter weights and logit scale, and
+        reused until one of them changes: a prediction then costs the image encoder and the
+        adapter's per-image work only.
+        """
+        self.text_features()  # raises when no classes are set
+        scale = self.multiplicative_scale()
+        stored = getattr(self.base, "logit_scale", None)
+        key = (
+            self.class_features.data_ptr(), self.class_features._version, self._fixed_scale,
+            (stored.data_ptr(), stored._version) if isinstance(stored, Tensor) else None,
+            tuple((p.data_ptr(), p._version) for p in self.adapter.parameters()),
+        )  # fmt: skip
+        if self._terms is None or self._terms[0] != key:
+            text = self.class_features
+            with torch.no_grad(), self._adapter_precision():
+                terms = self.adapter.class_terms(text.to(self.adapter.compute_dtype(text)), scale)
+            self._terms = (key, terms)
+        return self._terms[1]
+
+    def _logits_from_cached_terms(self, image_features: Tensor, scale: Tensor) -> tuple[Tensor, Tensor | None]:
+        check_features(image_features, self.class_features, self.adapter.dim, finite=self.adapter.check_finite)
+        image = image_features.to(self.adapter.compute_dtype(image_features))
+        return self.adapter.logits_from_terms(image, self.class_terms(), scale)
+
+    @torch.no_grad()
+    def predict(
+        self, images: Any, k: int = 5, *, preprocess: Callable[[Any], Tensor] | None = None, batch_size: int = 64
+    ) -> Prediction:
+        """The ``k`` most probable classes of each image, best first.
+
+        Args:
+            images: a batch as :meth:`forward` takes it (``(B, 3, H, W)``, preprocessed), or,
+                with ``preprocess``, a sequence of raw images (e.g. ``PIL.Image``).
+            k: classes per image (at most K).
+            preprocess: turns one raw image into a ``(3, H, W)`` tensor (open_clip's preprocess).
+            batch_size: images per forward pass.
+
+        Returns:
+            :class:`Prediction`: indices, softmax probabilities over the K classes, and names.
+
+        Runs in eval mode without gradients; the class-side terms are computed once.
+
+        Example:
+            >>> top = model.predict(preprocess(Image.open("cat.jpg")).unsqueeze(0), k=3)
+            >>> top.names[0], top.probabilities[0]
+        """
+        if self.class_features is None:
+            raise RuntimeError("no classes set: call model.set_classes(...) (or load an adapter saved with its classes)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = min(k, self.num_classes)
+        was_training = self.training
+        self.eval()
+        try:
+            logits = torch.cat([self(part) for part in _image_batches(images, preprocess, batch_size, self.base)])
+        finally:
+            self.train(was_training)
+        top = logits.softmax(dim=-1).topk(k, dim=-1)
+        indices = top.indices.cpu()
+        names = None
+        if self.class_names is not None:
+            names = [[self.class_names[i] for i in row] for row in indices.tolist()]
+        return Prediction(indices=indices, probabilities=top.values.cpu(), names=names)
 
     def regularization(self) -> Tensor:
         """``alpha · reg(mask)`` of the last forward pass; zero for methods without a mask or ``alpha = 0``."""
@@ -479,14 +622,77 @@ class AdaptedCLIP(nn.Module):
 
     # -- saving -----------------------------------------------------------------------------
 
-    def save_adapter(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Save the adapter's tensors and configuration (see :func:`rada_mma.save_adapter`)."""
-        return save_adapter(self.adapter, path, overwrite=overwrite, metadata={"backend": self.backend.name})
+    def base_identity(self) -> BaseIdentity:
+        """What a saved adapter records about the base model: backend, name, tag, width, weights fingerprint."""
+        return base_identity(
+            self.base, backend=self.backend.name, dim=self.adapter.dim, name=self.base_name,
+            pretrained=self.base_pretrained,
+        )
 
-    def load_adapter(self, path: str | os.PathLike) -> AdaptedCLIP:
-        """Load adapter weights saved by :meth:`save_adapter` (checked against this model)."""
+    def save_adapter(
+        self, path: str | os.PathLike, *, overwrite: bool = False, include_classes: bool = False
+    ) -> Path:
+        """Save the adapter's tensors, configuration and base identity (see :func:`rada_mma.save_adapter`).
+
+        Args:
+            path: destination, conventionally ``*.safetensors``.
+            overwrite: replace an existing file.
+            include_classes: also store the classes set (their text features, names and
+                templates), so that :func:`rada_mma.load` gives a model that predicts at once.
+        """
+        return save_adapter(
+            self.adapter, path, overwrite=overwrite, metadata={"backend": self.backend.name},
+            base=self.base_identity(), classes=self._class_set() if include_classes else None,
+        )
+
+    def _class_set(self) -> ClassSet:
+        if self.class_features is None:
+            raise ValueError("include_classes=True but no classes are set: call set_classes first")
+        return ClassSet(text_features=self.text_features().detach(), names=self.class_names, templates=self.class_templates)
+
+    def load_adapter(self, path: str | os.PathLike, *, strict: bool = False) -> AdaptedCLIP:
+        """Load adapter weights saved by :meth:`save_adapter` (checked against this model).
+
+        A file trained on another base model warns, naming both (``strict=True``: an
+        error). The classes a file may hold are not set: :func:`rada_mma.load` sets them.
+        """
+        check_base(read_adapter(path).base, self.base_identity(), path, strict=strict)
         load_adapter(path, self.adapter)
         return self
+
+    def save_pretrained(
+        self, folder: str | os.PathLike, *, include_classes: bool = False, overwrite: bool = False
+    ) -> Path:
+        """peft's layout: ``folder/adapter.safetensors`` and a readable ``folder/adapter_config.json``.
+
+        The safetensors file is the whole record (:meth:`save_adapter`); the JSON repeats its
+        configuration, base and class names for people and tools.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config_path = folder / ADAPTER_CONFIG
+        if not overwrite and config_path.exists():
+            raise FileExistsError(f"{config_path} exists; pass overwrite=True to replace it, or choose another folder")
+        path = self.save_adapter(folder / ADAPTER_FILE, overwrite=overwrite, include_classes=include_classes)
+        info = read_adapter(path)
+        classes = info.classes
+        write_json(config_path, {
+            "format": "rada_mma.adapter_config", "rada_mma_version": __version__, "method": info.config.method,
+            "config": json.loads(info.config.to_json()), "base": None if info.base is None else json.loads(info.base.to_json()),
+            "classes": None if classes is None else {"count": classes.text_features.shape[0],
+                                                     "names": classes.names, "templates": classes.templates},
+        })  # fmt: skip
+        return folder
+
+    @classmethod
+    def from_file(cls, model: nn.Module, path: str | os.PathLike, *, strict: bool = False, **options: Any) -> AdaptedCLIP:
+        """:func:`rada_mma.load`: ``model`` wrapped with the file's adapter, weights and classes."""
+        return load(model, path, strict=strict, **options)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, folder: str | os.PathLike, *, strict: bool = False, **options: Any) -> AdaptedCLIP:
+        """peft's name for :func:`rada_mma.load` of a folder written by :meth:`save_pretrained`."""
+        return load(model, folder, strict=strict, **options)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend.name!r}, classes={self.num_classes}, freeze_backbone={self.freeze_backbone}"
@@ -578,3 +784,139 @@ def _ensemble(features: Tensor) -> Tensor:
     if features.shape[1] == 1:
         return features[:, 0]
     return kernels.normalize(kernels.normalize(features).mean(dim=1))
+
+
+def _string_templates(templates: Sequence[Template] | None) -> tuple[str, ...] | None:
+    """Templates a file can store: all strings (callables are code)."""
+    if templates is None or not all(isinstance(t, str) for t in templates):
+        return None
+    return tuple(templates)
+
+
+def _own_name(base: nn.Module) -> str | None:
+    """The name a model carries itself (Hugging Face's ``name_or_path``); open_clip and OpenAI models carry none."""
+    name = getattr(base, "name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+# -- prediction ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of each image, best first (:meth:`AdaptedCLIP.predict`).
+
+    Args:
+        indices: ``(B, k)`` class indices (int64), in the order the classes were set.
+        probabilities: ``(B, k)`` their softmax probabilities over all K classes.
+        names: ``B`` lists of k class names, when the classes have names.
+    """
+
+    indices: Tensor
+    probabilities: Tensor
+    names: list[list[str]] | None = None
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per image: ``classes`` (names, when known), ``indices``, ``probabilities``."""
+        rows = []
+        for i, (indices, probabilities) in enumerate(zip(self.indices.tolist(), self.probabilities.tolist(), strict=True)):
+            row = {"classes": self.names[i]} if self.names is not None else {}
+            rows.append({**row, "indices": indices, "probabilities": probabilities})
+        return rows
+
+
+def _image_batches(images: Any, preprocess: Callable[[Any], Tensor] | None, batch_size: int, base: nn.Module) -> Iterator[Any]:
+    """``images`` in batches of ``batch_size`` on the base model's device."""
+    device = model_device(base)
+    if preprocess is None:
+        if isinstance(images, Mapping):  # a Hugging Face processor's BatchFeature
+            yield {k: v.to(device) if isinstance(v, Tensor) else v for k, v in images.items()}
+            return
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise TypeError(
+                "images must be a (B, 3, H, W) tensor of preprocessed images (for one image: image.unsqueeze(0)), "
+                "or a list of raw images with preprocess=<the model's preprocessing>; got "
+                + (f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__)
+            )
+        for start in range(0, images.shape[0], batch_size):
+            yield images[start : start + batch_size].to(device)
+        return
+    items = [images] if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) else list(images)
+    if not items:
+        raise ValueError("no images to predict")
+    for start in range(0, len(items), batch_size):
+        yield torch.stack([preprocess(item) for item in items[start : start + batch_size]]).to(device)
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, strict: bool = False, **options: Any) -> AdaptedCLIP:
+    """``model`` wrapped with a saved adapter: its method, options and weights, and its classes if it holds them.
+
+    Args:
+        model: the base CLIP the adapter was trained on.
+        path: a file written by :meth:`AdaptedCLIP.save_adapter`, or a folder written by
+            :meth:`AdaptedCLIP.save_pretrained`.
+        strict: loading onto another base model than the file records is an error
+            (by default a warning that names both).
+        **options: :func:`wrap`'s keyword arguments but the adapter's (``backend``,
+            ``freeze_backbone``, ``dim``, ``logit_scale``, ``base_name``, ``pretrained``).
+
+    Example:
+        >>> model = rada_mma.load(clip, "pets-rada.safetensors")
+        >>> model.predict(images, k=5).names
+    """
+    allowed = {"backend", "freeze_backbone", "dim", "logit_scale", "base_name", "pretrained"}
+    if set(options) - allowed:
+        raise TypeError(
+            f"load() got unexpected option(s) {sorted(set(options) - allowed)}: the adapter's own options come "
+            f"from the file; wrap options are {', '.join(sorted(allowed))}"
+        )
+    path = _adapter_path(Path(path))
+    info = read_adapter(path)
+    backend = detect_backend(model, options.get("backend"))
+    width = options.get("dim") or backend.embed_dim(model)
+    if width is not None and width != info.config.dim:
+        raise ValueError(
+            f"{path} holds an adapter for embedding width {info.config.dim}, but the model's width is {width}: it "
+            f"was trained on another CLIP" + (f" ({info.base.describe()})" if info.base else "")
+        )
+    name, pretrained = options.pop("base_name", None) or _own_name(model), options.pop("pretrained", None)
+    current = base_identity(model, backend=backend.name, dim=info.config.dim, name=name, pretrained=pretrained)
+    same = check_base(info.base, current, path, strict=strict)
+    if same and info.base is not None and name is None and pretrained is None:  # the file knows the model's name
+        name, pretrained = info.base.name, info.base.pretrained or info.base.weights_file
+    wrapped = wrap(model, config=info.config, base_name=name, pretrained=pretrained, **options)
+    try:
+        load_adapter(path, wrapped.adapter)
+        if info.classes is not None:
+            features = info.classes.text_features.to(model_device(wrapped.adapter))
+            wrapped.set_classes(text_features=features, names=info.classes.names, templates=info.classes.templates)
+    except BaseException:
+        wrapped.unwrap()  # the caller's model as it was
+        raise
+    return wrapped
+
+
+def _adapter_path(path: Path) -> Path:
+    """The adapter file of ``path``: itself, or a :meth:`AdaptedCLIP.save_pretrained` folder's, checked."""
+    if not path.is_dir():
+        return path
+    file, config = path / ADAPTER_FILE, path / ADAPTER_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is a folder without {ADAPTER_FILE}; give a folder written by save_pretrained")
+    if config.is_file():
+        try:
+            recorded = json.loads(config.read_text()).get("config")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise ValueError(f"{config} is not valid JSON ({err}); save the adapter again with save_pretrained") from err
+        if recorded != json.loads(read_adapter(file).config.to_json()):
+            raise ValueError(
+                f"{config} and {file} describe different adapters (was one of them replaced?); "
+                "save the adapter again with save_pretrained"
+            )
+    return file

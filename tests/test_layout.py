@@ -94,7 +94,8 @@ def test_the_core_loads_alone():
     code = (
         "import sys, rada_mma; "
         "heavy = ('rada_mma.fewshot', 'rada_mma.demo', 'rada_mma.cli', 'torchvision', 'PIL', 'matplotlib', 'open_clip'); "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'PIL', 'matplotlib', 'open_clip') "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'PIL', 'matplotlib', 'open_clip', "
+        "'onnx', 'onnxruntime', 'onnxscript', 'clip') "
         "or m.startswith(heavy[:3])))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -12,6 +12,7 @@ other way round:
 - :mod:`.protocol`: whole runs from a :class:`RunSpec` (base-to-new, the default);
 - :mod:`.settings`, :mod:`.tta`: the other protocols (all classes, cross-dataset, domain generalisation,
   test-time training); :mod:`.record`: every run folder's ``run.json``;
+- :mod:`.predict`: image files classified with a saved adapter (``rada-mma predict``);
 - :mod:`.distributed`, :mod:`.models`: ``torchrun`` and CLIP loading.
 
 >>> from rada_mma.fewshot import RunSpec, run_base_to_new
@@ -25,6 +26,7 @@ from .data import ImageDataset, Item, Splits, few_shot, load_data, mma_draw, sub
 from .datasets import DATASETS, clean_classname, find_dataset, templates_for
 from .evaluation import harmonic_mean, markdown_table, read_results, summarize, write_results
 from .models import load_clip
+from .predict import PredictSummary, predict_images, with_adapter_base
 from .protocol import FeatureStore, RunSpec, extract, run_base_to_new, run_grid
 from .record import read_run_record, run_record, write_run_record
 from .settings import evaluate, run_all_classes, run_shot_sweep, run_transfer, run_transfer_grid
@@ -39,6 +41,7 @@ __all__ = [
     "FitResult",
     "ImageDataset",
     "Item",
+    "PredictSummary",
     "RunSpec",
     "Splits",
     "TTAConfig",
@@ -60,6 +63,7 @@ __all__ = [
     "load_features",
     "markdown_table",
     "mma_draw",
+    "predict_images",
     "preset",
     "read_results",
     "read_run_record",
@@ -78,6 +82,7 @@ __all__ = [
     "summarize",
     "templates_for",
     "adapt_and_predict",
+    "with_adapter_base",
     "write_results",
     "write_run_record",
 ]

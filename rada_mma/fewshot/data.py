@@ -58,6 +58,7 @@ __all__ = [
     "Item",
     "Splits",
     "few_shot",
+    "image_files",
     "load_data",
     "mma_draw",
     "subsample_classes",
@@ -337,7 +338,7 @@ def _from_image_folder(root: Path, *, classnames: list[str] | None, name: str | 
             logger.warning("%s has no folder for %d classes (e.g. %s)", split_dir, len(missing), missing[0])
         items = []
         for folder in present:
-            files = _image_files(split_dir / folder)
+            files = image_files(split_dir / folder)
             if not files:
                 raise ValueError(
                     f"class folder {split_dir / folder} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
@@ -359,9 +360,10 @@ def _from_image_folder(root: Path, *, classnames: list[str] | None, name: str | 
     return Splits(name=title, classnames=names, train=train, val=val, test=test, root=root)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """The images under ``folder``, following links to folders (datasets are often linked in), but never
-    around a loop: a link back to a folder above would list other classes' images under this class."""
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (by extension, any depth, hidden folders skipped), sorted. Links to
+    folders are followed (datasets are often linked in), but never around a loop: a link back to a folder
+    above would list other classes' images under this class."""
     files = []
     seen = set()
     for directory, subdirs, names in os.walk(folder, followlinks=True):
@@ -455,7 +457,7 @@ def _from_variant(root: Path, info: VariantInfo, *, classnames: list[str] | None
         names = _folder_classnames(root, folders, imagenet, listing)
     names = _check_classnames(classnames, len(names), str(image_dir)) or names
     test = [Item(file.relative_to(root).as_posix(), labels[f], names[labels[f]])
-            for f in folders for file in _image_files(image_dir / f)]
+            for f in folders for file in image_files(image_dir / f)]
     if not test:
         raise ValueError(f"{image_dir}'s class folders hold no images")
     logger.info("%s: %d test images of %d classes, a test-only dataset (a target)", info.name, len(test), len(names))

@@ -90,7 +90,7 @@ def plot_adapter(
     device = next(model.adapter.parameters()).device
     feats = feats.to(device)
     text = model.text_features()
-    scale = model.logit_scale()
+    scale = model.multiplicative_scale()
     adapter = model.adapter
     names = list(classnames) if classnames is not None else [str(i) for i in range(text.shape[0])]
     shown = f" (the first {max_classes} of {len(names)} classes)" if len(names) > max_classes else ""

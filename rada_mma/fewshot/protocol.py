@@ -260,7 +260,9 @@ class FeatureStore:
 def wrapped_model(spec: RunSpec) -> tuple[AdaptedCLIP, Callable, Callable]:
     clip, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
     generator = torch.Generator().manual_seed(spec.seed)
-    model = wrap(clip, method=spec.method, generator=generator, **dict(spec.options))
+    # the base's name and weights travel into the adapter file: `rada-mma predict` needs no --model then
+    model = wrap(clip, method=spec.method, generator=generator, base_name=model_name(spec.model, spec.model_config),
+                 pretrained=spec.pretrained, **dict(spec.options))
     model.adapter.to(spec.device_name)
     return model, preprocess, tokenizer
 
@@ -309,7 +311,8 @@ def _base_to_new(spec: RunSpec, config: TrainConfig, adapter_file: Path | None) 
     else:
         model.load_adapter(adapter_file)
     rows = _evaluate(spec, model, {"zero-shot": zero_text, spec.method: text}, test, run_data)
-    model.set_classes(text_features=text[: run_data.cut])
+    # the base classes, named: the adapter file carries them (rada-mma predict, rada_mma.load)
+    model.set_classes(text_features=text[: run_data.cut], names=run_data.base.classnames, templates=prompts[0])
     if is_main():
         _write_run(spec, model, config if train else None, result, rows, run_data, test)
         if train:
@@ -419,7 +422,8 @@ def write_training(spec: RunSpec, model: AdaptedCLIP, config: TrainConfig | None
     from .plots import plot_history
 
     if config is not None:
-        model.save_adapter(spec.out_dir / ADAPTER_FILE, overwrite=True)
+        # with the classes it was trained for, named: rada-mma predict and rada_mma.load use them as they are
+        model.save_adapter(spec.out_dir / ADAPTER_FILE, overwrite=True, include_classes=True)
         write_json(spec.out_dir / "train_config.json", dataclasses.asdict(config))
         if result is not None and result.history:
             maybe_plot(plot_history, result.history, spec.out_dir / "training.png", title=title)

@@ -387,30 +387,34 @@ class _Run:
                 views = torch.full((n,), epoch, dtype=torch.long)
             else:
                 views = torch.randint(features.shape[1], (n,), generator=self.generator)
-        total = torch.zeros(2, dtype=torch.float64)  # summed loss, images
+        # summed loss on the device: reading it every step would make the host wait for a GPU
+        loss_sum, images = torch.zeros((), dtype=torch.float64, device=device), 0
         use_amp = c.amp and device.type == "cuda"
         steps = steps_per_epoch(c, n)
         for step, start in enumerate(range(0, steps * c.batch_size, c.batch_size)):
             batch = order[start : start + c.batch_size]
             local = batch[self.rank :: self.world]  # every rank takes its share of the same global batch
-            value = 0.0
             if len(local):
                 feats = features[local] if views is None else features[local, views[local]]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     logits = model.logits_from_features(feats.to(device))
                     loss = classification_loss(logits, labels[local].to(device), model.regularization(), check=False)
-                value = float(loss.detach())
-            self.check_finite(value, epoch, step, steps)  # before a NaN gradient reaches the weights
+            if device.type == "cpu":  # before a NaN gradient reaches the weights; on a GPU once an epoch, below
+                self.check_finite(float(loss.detach()) if len(local) else 0.0, epoch, step, steps)
             if len(local):
                 # mean over the global batch = sum over ranks of local means weighted by their share
                 (loss * (len(local) / len(batch))).backward()
-                total += torch.tensor([value * len(local), len(local)], dtype=torch.float64)
+                loss_sum += loss.detach().double() * len(local)
+                images += len(local)
             if self.world > 1:
                 all_reduce_grads(self.params)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        total = torch.stack([loss_sum.cpu(), torch.tensor(float(images), dtype=torch.float64)])  # one sync an epoch
         if self.world > 1:
             total = all_reduce_sum(total, device)
+        if not math.isfinite(float(total[0])):  # on a GPU, where no step waited to check its loss
+            self.diverged(f"the loss became NaN or infinite during epoch {epoch + 1} of {c.epochs}")
         model.eval()
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):  # the last step overflowed
             self.diverged(f"the adapter's weights became NaN or infinite at the end of epoch {epoch + 1}")

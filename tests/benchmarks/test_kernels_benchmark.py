@@ -26,7 +26,8 @@ REQUIRED = (
 def test_benchmark_script_runs_at_tiny_sizes(tmp_path):
     out = tmp_path / "kernels_tiny.json"
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--classes", "4", "--batch", "2", "--dim", "32",
-           "--repeats", "1", "--min-repeats", "1", "--warmup", "0", "--matmul-size", "128", "--json", str(out)]  # fmt: skip
+           "--repeats", "1", "--min-repeats", "1", "--warmup", "0", "--matmul-size", "128", "--threads", "1",
+           "--json", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -38,7 +39,7 @@ def test_benchmark_script_runs_at_tiny_sizes(tmp_path):
         assert not missing, f"{r['method']}/{r['impl']} lacks {missing}"
         assert (r["batch"], r["classes"], r["dim"], r["device"], r["dtype"]) == (2, 4, 32, "cpu", "fp32")
         assert r["oom"] is False
-        assert r["ms_median"] > 0 and r["peak_mb"] is not None
+        assert r["ms_median"] > 0 and r["peak_mb"] is not None and r["peak_mb_default_malloc"] is not None
         assert r["machine_matmul_gflops"] > 0
         assert r["max_abs_err_logits"] <= 1e-4, r
         assert r["max_rel_err_grads"] <= 1e-3, r
@@ -49,6 +50,7 @@ def test_benchmark_script_runs_at_tiny_sizes(tmp_path):
 
     table = out.with_suffix(".md").read_text()
     assert "| rada+adapter | 2 | 4 | fp32 |" in table
+    assert all(r["threads"] == 1 for r in records)
     assert out.with_suffix(".png").stat().st_size > 0
 
 

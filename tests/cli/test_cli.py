@@ -421,6 +421,14 @@ def test_the_shipped_clip_is_named_world_clip_everywhere(world_task, tmp_path, c
     run_ok(["bench", *common, "--methods", "mma", "--seeds", "1", "--epochs", "1", "--out", str(tmp_path / "b")],
            capsys)
     assert [r["method"] for r in read_results(tmp_path / "b")] == ["zero-shot", "mma"]
+    # the adapter file records its base: predict needs no --model
+    out = run_ok(["predict", "--adapter", str(tmp_path / "fit" / "adapter.safetensors"), "--images",
+                  str(world_task / "images" / "test"), "--out", str(tmp_path / "p.jsonl"), "--k", "2"], capsys)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    base_classes = {item[2] for item in json.loads(next(world_task.glob("split_zhou_*.json")).read_text())["test"]
+                    if item[1] < 8}  # the first half of the task's 16 classes
+    assert len(rows) == len(list((world_task / "images" / "test").rglob("*.png"))) and f"{len(rows)} images" in out
+    assert all(len(r["classes"]) == 2 and set(r["classes"]) <= base_classes for r in rows)
 
 
 def test_errors_name_flags_not_python_arguments(world, tmp_path, capsys):
@@ -438,6 +446,33 @@ def test_fit_takes_threads(world, tmp_path, capsys):
     assert torch.get_num_threads() == 1
 
 
+def test_predict_writes_one_line_per_image(world, mma_run, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(world["data"] / "test" / "black_cat", folder)
+    (folder / "zz-corrupt.png").write_bytes(b"\x89PNG but truncated")
+    adapter = str(mma_run / "adapter.safetensors")
+    model = ["--model-config", world["config"], "--pretrained", world["weights"], "--device", "cpu"]
+    out = run_ok(["predict", "--adapter", adapter, "--images", str(folder), "--out", str(tmp_path / "p.csv"),
+                  "--no-progress", *model], capsys)
+    assert "4 images classified; 1 unreadable" in out
+    header, *rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert header.startswith("path,class_1,probability_1,class_2") and len(rows) == 5
+    assert "cannot read the image" in rows[-1] and all(row.endswith(",") for row in rows[:-1])
+    # the file records the weights' file name, not where it is: say which flag to give
+    line = run_error(["predict", "--adapter", adapter, "--images", str(folder), "--out", str(tmp_path / "q.csv")], capsys)
+    assert "--pretrained /path/to/tiny-cli-clip-seed0.pt" in line
+    # another CLIP's weights: a warning that names both, or with --strict an error
+    other = ["--model-config", world["config"], "--pretrained", world["other_weights"], "--device", "cpu"]
+    main(["predict", "--adapter", adapter, "--images", str(folder), "--out", str(tmp_path / "r.jsonl"), *other])
+    assert "tiny-cli-clip-seed0.pt" in capsys.readouterr().err
+    line = run_error(["predict", "--adapter", adapter, "--images", str(folder), "--out", str(tmp_path / "s.jsonl"),
+                      "--strict", *other], capsys)
+    assert "tiny-cli-clip-seed0.pt" in line and "tiny-cli-clip-seed1.pt" in line
+    line = run_error(["predict", "--adapter", adapter, "--images", str(folder), "--out", str(tmp_path / "p.csv"),
+                      *model], capsys)  # exists: not overwritten
+    assert "--out" in line and "pass --overwrite to replace it" in line
+
+
 def all_options(command: str) -> dict[str, str | None]:
     """``--flag: help`` of every option of ``rada-mma COMMAND``."""
     from rada_mma.cli import build_parser
@@ -450,7 +485,7 @@ def all_options(command: str) -> dict[str, str | None]:
 COMMANDS = ("extract", "fit", "eval", "bench", "demo")
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", (*COMMANDS, "predict"))
 def test_every_option_says_what_it_does(command):
     missing = [flag for flag, text in all_options(command).items() if not text]
     assert not missing, f"{command}: no help for {missing}"

@@ -75,7 +75,7 @@ def test_matches_released_code(path):
         options.update(temperature=case["temperature"], alpha=case["alpha"], regularizer=case["regularizer"])
     params = {name: t for name, t in tensors.items() if name.startswith("param.")}
     # RAda's attentions have two exact paths: PyTorch's flash kernels (CPU) and the portable one
-    for attention in ("flash", "portable") if method.startswith("rada") else ("flash",):
+    for attention in ("flash", "portable", "plain") if method.startswith("rada") else ("flash",):
         with attention_path(attention):
             check_parity(from_official(method, params, **options), case, tensors, f"{attention} attention")
 

@@ -49,7 +49,7 @@ DIMS = st.sampled_from([24, 40, 64, 72, 136])
 TEMPERATURES = st.sampled_from([0.5, 1.0, 2.0])
 SOFTMAXES = st.sampled_from(["flat", "row"])
 RADA_HEADS = st.sampled_from([8, 8, 4, 2])
-PATHS = st.sampled_from(["flash", "portable"])
+PATHS = st.sampled_from(["flash", "portable", "plain"])
 
 
 def rada_gain(dim: int) -> float:
@@ -130,6 +130,7 @@ def check_rada_parity(module: RationalMask, batch: int, classes: int, path: str,
 @example(batch=2, classes=1, dim=64, heads=8, temperature=1.0, softmax="flat", path="portable", seed=0)
 @example(batch=1, classes=1, dim=24, heads=8, temperature=0.5, softmax="row", path="flash", seed=1)
 @example(batch=1, classes=1, dim=24, heads=8, temperature=0.5, softmax="row", path="portable", seed=1)
+@example(batch=2, classes=1, dim=64, heads=8, temperature=1.0, softmax="flat", path="plain", seed=0)
 def test_rada_matches_released(batch, classes, dim, heads, temperature, softmax, path, seed):
     module = RationalMask(dim=dim, heads=heads, temperature=temperature, softmax=softmax)
     check_rada_parity(module, batch, classes, path, seed)
@@ -335,7 +336,7 @@ def test_row_attention_backward_matches_autograd(chunk, broadcast_q):
 
 @pytest.mark.parametrize("broadcast_q", [False, True], ids=["q", "broadcast-q"])
 @pytest.mark.parametrize("softmax", ["flat", "row"])
-@pytest.mark.parametrize("path", ["flash", "portable"])
+@pytest.mark.parametrize("path", ["flash", "portable", "plain"])
 def test_flat_attention_matches_naive(path, softmax, broadcast_q):
     # On the flash path with the flat softmax, the gradient through the row
     # log-sum-exp rides on a padding column (kernels._FlashAttentionCPU).
@@ -376,18 +377,22 @@ def test_flat_attention_gradcheck_float64(softmax):
 
 
 GRADCHECK_MODULES = {
-    "rada": lambda: RationalMask(dim=16, heads=4),
-    "rada+adapter": lambda: RationalMask(dim=16, heads=4, adapter_reduction=4, adapter_init="released"),
-    "rada+adapter blend": lambda: RationalMask(dim=16, heads=4, adapter_reduction=4, adapter_init="blend"),
-    "mma": lambda: MultiModalAdapter(dim=16, heads=2),
-    "mma-master": lambda: MultiModalAdapter(dim=16, heads=2, variant="master", hidden=8),
-    "mma+rada": lambda: MMARationalMask(dim=16, heads=4, mma_heads=2),
+    "rada": lambda **kw: RationalMask(dim=16, heads=4, **kw),
+    "rada+adapter": lambda **kw: RationalMask(dim=16, heads=4, adapter_reduction=4, adapter_init="released", **kw),
+    "rada+adapter blend": lambda **kw: RationalMask(dim=16, heads=4, adapter_reduction=4, adapter_init="blend", **kw),
+    "mma": lambda **kw: MultiModalAdapter(dim=16, heads=2),
+    "mma-master": lambda **kw: MultiModalAdapter(dim=16, heads=2, variant="master", hidden=8),
+    "mma+rada": lambda **kw: MMARationalMask(dim=16, heads=4, mma_heads=2, **kw),
 }
+# RAda's attention on each path; chunk_elements=1: one image per block and one query row per step
+GRADCHECK_CASES = [(m, "flash") for m in GRADCHECK_MODULES] + [
+    (m, path) for m in ("rada", "rada+adapter", "mma+rada") for path in ("portable", "plain")
+]
 
 
-@pytest.mark.parametrize("method", GRADCHECK_MODULES)
-def test_module_gradcheck_float64(method):
-    module = randomize_(GRADCHECK_MODULES[method](), seed=4).double()
+@pytest.mark.parametrize("method, path", GRADCHECK_CASES)
+def test_module_gradcheck_float64(method, path):
+    module = randomize_(GRADCHECK_MODULES[method](chunk_elements=1), seed=4).double()
     names = [name for name, _ in module.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in module.parameters())
     image, text = (x.double().requires_grad_() for x in raw_features(2, 3, 16, seed=5))
@@ -396,7 +401,30 @@ def test_module_gradcheck_float64(method):
         return torch.func.functional_call(module, dict(zip(names, params, strict=True)), (image, text, 10.0))
 
     # fast mode: random projections keep this to a few dozen forward calls
-    assert torch.autograd.gradcheck(logits, (image, text, *params), fast_mode=True)
+    with attention_path(path):
+        assert torch.autograd.gradcheck(logits, (image, text, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("path", ["flash", "portable", "plain"])
+@pytest.mark.parametrize("per_image_text", [False, True])
+def test_rada_kernels_gradcheck_float64_with_the_scale(path, per_image_text):
+    # the modules take the scale in fp32; the kernels differentiate it too (here in float64)
+    module = randomize_(RationalMask(dim=16, heads=4), seed=6).double()
+    image, text = (kernels.normalize(x.double()) for x in raw_features(2, 3, 16, seed=7))
+    text = text.expand(2, 3, 16).clone() if per_image_text else text
+    inputs = (image, text, torch.tensor(10.0, dtype=torch.float64))
+    pairs = [module.query_image, module.query_text, module.to_qkv_rational, module.to_out]
+    weights = [t.detach().clone() for layer in pairs for t in (layer.weight, layer.bias)]
+    args = tuple(t.requires_grad_() for t in (*inputs, *weights))
+
+    def logits(f, h, s, *w):
+        x = kernels.rada_attention(f, h, s, query_image=w[0:2], query_text=w[2:4], qkv_rational=w[4:6], heads=4,
+                                   temperature=1.0, chunk_elements=1)
+        out, mask = kernels.rada_mask_and_logits(x, f, h, s, out=w[6:8])
+        return out, mask
+
+    with attention_path(path):
+        assert torch.autograd.gradcheck(logits, args, fast_mode=True)
 
 
 # ----------------------------------------------------------------------------
@@ -502,7 +530,7 @@ def random_adapter(method: str, dim: int, *, seed: int):
     return randomize_(build_adapter(AdapterConfig.for_method(method, dim)), seed=seed, gain=1.25)
 
 
-BF16_CASES = [(method, "flash") for method in ALL_METHODS] + [("rada", "portable"), ("mma+rada", "portable")]
+BF16_CASES = [(method, "flash") for method in ALL_METHODS] + [("rada", "portable"), ("mma+rada", "portable"), ("rada", "plain")]
 
 
 @pytest.mark.parametrize("method, path", BF16_CASES)
@@ -531,6 +559,7 @@ COMPILED = {
     "rada-flash": ("flash", lambda: RationalMask(dim=16, heads=2)),
     # B·H·K = 2·2·5 elements a query row: blocks of 2, 2 and 1 rows
     "rada-portable": ("portable", lambda: RationalMask(dim=16, heads=2, chunk_elements=2 * 2 * 5 * 2)),
+    "rada-plain": ("plain", lambda: RationalMask(dim=16, heads=2)),
     "mma": ("flash", lambda: MultiModalAdapter(dim=16, heads=2)),
 }
 
@@ -783,3 +812,32 @@ def test_generator_seed_fixes_parameters(method):
         assert torch.equal(a, b), f"{name} differs for the same seed"
         if a.abs().sum() > 0 and a.dim() > 0:  # zero-initialised tensors and fixed blend ratios agree across seeds
             assert not torch.equal(a, c), f"{name} ignores the generator"
+
+
+# ----------------------------------------------------------------------------
+# Inference: the blocked pass without gradients equals the training path
+# ----------------------------------------------------------------------------
+
+INFERENCE_MODULES = {
+    "rada": lambda: RationalMask(dim=64, chunk_elements=3 * 20 * 3 * 64),  # blocks of 3 images
+    "rada+adapter": lambda: RationalMask(dim=64, adapter_reduction=4, softmax="row", chunk_elements=1),
+    "mma+rada": lambda: MMARationalMask(dim=64, mma_heads=2, chunk_elements=2 * 20 * 3 * 64),
+}
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "plain"])
+@pytest.mark.parametrize("method", INFERENCE_MODULES)
+def test_inference_pass_matches_the_training_path(method, flash):
+    module = randomize_(INFERENCE_MODULES[method](), seed=16, gain=rada_gain(64))
+    image, text = raw_features(7, 20, 64, seed=17)
+    with attention_path("plain"):
+        logits, mask = module(image, text, SCALE, return_mask=True)  # with gradients: whole maps, autograd
+    saved = kernels.FLASH_CPU
+    kernels.FLASH_CPU = saved and flash
+    try:
+        with torch.no_grad():
+            got, got_mask = module(image, text, SCALE, return_mask=True)
+    finally:
+        kernels.FLASH_CPU = saved
+    assert_logits_close(got, logits.detach())
+    assert_mask_close(got_mask, mask.detach())

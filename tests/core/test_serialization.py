@@ -116,6 +116,7 @@ def test_file_holds_only_the_adapter_and_its_configuration(method, tmp_path):
     assert not any(name.startswith("base.") or name.startswith("adapter.") for name in names)
     assert all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors.values())
     config = model.adapter.config
+    assert rada_mma.BaseIdentity.from_json(metadata.pop("base")) == model.base_identity()
     assert metadata == {
         "format": "rada_mma.adapter",
         "format_version": "1",
@@ -202,8 +203,8 @@ LOAD_ERRORS = {
                     "other adapter options \\(heads: file 8 vs model 4\\)"),
     "other temperature": (_other_options(heads=4, temperature=2.0, alpha=0.1), ValueError,
                           "temperature: file 2.0 vs model 0.5"),
-    "other format version": (lambda p: _rewrite(p, _set("format_version", "2")), ValueError,
-                             "format version '2' .* reads version '1'"),
+    "other format version": (lambda p: _rewrite(p, _set("format_version", "3")), ValueError,
+                             "format version '3' .* reads versions '1', '2'"),
     "newer config field": (lambda p: _rewrite(p, lambda t, m: m.__setitem__(
         "config", json.dumps({**json.loads(m["config"]), "gate": 1}))), ValueError,
                            r"unknown field\(s\) \['gate'\].* upgrade rada_mma"),

@@ -220,7 +220,7 @@ def test_user_input_is_never_checked_with_assert(module):
 def test_generic_takes_dim_and_logit_scale():
     model, _ = wrapped("generic")
     assert model.adapter.dim == 48
-    assert model.logit_scale().item() == GENERIC_SCALE
+    assert model.multiplicative_scale().item() == GENERIC_SCALE
 
 
 # -- composition, not monkey-patching ------------------------------------------------------------
@@ -389,7 +389,7 @@ def test_fresh_rada_is_zero_shot(name, method, options):
     x = tm.images(5)
     with torch.no_grad():
         logits = model(x)
-        _, mask = model.adapter(model.encode_image(x), model.class_features, model.logit_scale(), return_mask=True)
+        _, mask = model.adapter(model.encode_image(x), model.class_features, model.multiplicative_scale(), return_mask=True)
         with model.disable_adapter():
             zero_shot = model(x)
     assert torch.equal(mask, torch.ones_like(mask))
@@ -461,7 +461,7 @@ def test_regularization(method):
         assert torch.equal(regularization, torch.zeros(()))
         return
     assert regularization.item() > 0 and regularization.requires_grad
-    _, mask = model.adapter(model.encode_image(x), model.text_features(), model.logit_scale(), return_mask=True)
+    _, mask = model.adapter(model.encode_image(x), model.text_features(), model.multiplicative_scale(), return_mask=True)
     assert torch.equal(regularization, model.adapter.regularization(mask))
     assert torch.equal(model.loss(logits, y), F.cross_entropy(logits, y) + regularization)
     with model.disable_adapter():
@@ -523,7 +523,7 @@ def test_one_loss_function_behind_both_loss_methods():
     expected = F.cross_entropy(logits, y) + regularization
     assert torch.equal(classification_loss(logits, y, regularization), expected)
     assert torch.equal(model.loss(logits, y), expected)
-    _, mask = model.adapter(model.encode_image(x), model.text_features(), model.logit_scale(), return_mask=True)
+    _, mask = model.adapter(model.encode_image(x), model.text_features(), model.multiplicative_scale(), return_mask=True)
     assert torch.equal(model.adapter.loss(logits, y, mask), classification_loss(logits, y, model.adapter.regularization(mask)))
     half = logits.detach().half()
     assert torch.equal(classification_loss(half, y), F.cross_entropy(half.float(), y))  # fp32 cross-entropy
@@ -889,7 +889,7 @@ def test_adapter_compiles_as_one_graph():
     model, _ = wrapped("open_clip", "rada")
     tm.train_steps(model, tm.images(6), labels_for(4, 6), 2)
     features = model.encode_image(tm.images(6))
-    text, scale = model.class_features, model.logit_scale()
+    text, scale = model.class_features, model.multiplicative_scale()
     eager, eager_grads = _logits_and_grads(model, lambda: model.adapter(features, text, scale))
     compiled = torch.compile(model.adapter, backend="aot_eager", fullgraph=True)
     logits, grads = _logits_and_grads(model, lambda: compiled(features, text, scale))

@@ -58,19 +58,22 @@ def randomize_(module: nn.Module, *, seed: int, gain: float = 1.0) -> nn.Module:
 
 @contextlib.contextmanager
 def attention_path(path: str):
-    """Run RAda's text and rational attentions on one of the kernels' two paths.
+    """Run RAda's text and rational attentions on one of the kernels' three paths (with gradients on).
 
-    ``"flash"``: PyTorch's fused CPU flash kernels (the default on CPU in
-    fp32/bf16/fp16); ``"portable"``: the chunked kernel every other device and
-    dtype uses, whose block size ``chunk_elements`` sets.
+    ``"plain"``: ordinary ops over whole maps (the default for small maps; without
+    gradients, blocks of rows: what export traces); ``"flash"``: PyTorch's fused CPU
+    flash kernels (the default for large maps on CPU in fp32/bf16/fp16);
+    ``"portable"``: the chunked kernel every other device and dtype uses, whose
+    block size ``chunk_elements`` sets.
     """
-    assert path in ("flash", "portable"), path
-    saved = kernels.FLASH_CPU
-    kernels.FLASH_CPU = saved and path == "flash"
+    assert path in ("plain", "flash", "portable"), path
+    saved = kernels.FLASH_CPU, kernels.MATERIALISE_ELEMENTS
+    kernels.FLASH_CPU = saved[0] and path == "flash"
+    kernels.MATERIALISE_ELEMENTS = 1 << 62 if path == "plain" else 0
     try:
         yield
     finally:
-        kernels.FLASH_CPU = saved
+        kernels.FLASH_CPU, kernels.MATERIALISE_ELEMENTS = saved
 
 
 def released_rada(module: RationalMask) -> reference.ReleasedRAda:

@@ -112,6 +112,40 @@ class FakeOpenAICLIP(nn.Module):
 FakeOpenAICLIP.__module__ = "clip.model"
 
 
+def _clip_package():
+    """OpenAI's ``clip`` package (pip ``openai-clip``), imported without its pkg_resources deprecation warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import clip
+        import clip.model
+    return clip
+
+
+def openai_clip_model(seed: int = 0, *, half: bool = False) -> nn.Module:
+    """OpenAI's own ``clip.model.CLIP`` at a tiny size, random weights: 2-layer ViT (one 64-wide head), 2-layer text.
+
+    ``half=True`` applies ``clip.model.convert_weights`` as ``clip.load`` does on CUDA: the
+    linear, convolution and attention weights become fp16 (LayerNorms, embeddings and the
+    logit scale stay fp32), and the encoders return fp16. This torch runs that on CPU too.
+    """
+    clip = _clip_package()
+    torch.manual_seed(seed)
+    model = clip.model.CLIP(
+        embed_dim=EMBED_DIM, image_resolution=IMAGE_SIZE, vision_layers=2, vision_width=64, vision_patch_size=8,
+        context_length=CONTEXT, vocab_size=49408, transformer_width=32, transformer_heads=2, transformer_layers=2,
+    )
+    if half:
+        clip.model.convert_weights(model)
+    return model.eval()
+
+
+def openai_tokenizer():
+    """``clip.tokenize`` at the tiny models' context length."""
+    return functools.partial(_clip_package().tokenize, context_length=CONTEXT)
+
+
 class GenericDualEncoder(nn.Module):
     """Any module with encode_image / encode_text, and no logit_scale."""
 
