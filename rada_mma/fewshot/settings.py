@@ -146,6 +146,8 @@ def _all_classes(spec: RunSpec, config: TrainConfig, adapter_file: Path | None) 
         model.load_adapter(adapter_file)
     common = {"setting": "all", "dataset": splits.name, "classes": splits.num_classes}
     rows = _rows(spec, common, *_accuracies(model, test, zero_text, text), shots=spec.shots)
+    # the classes, named: the adapter file carries them (rada-mma predict, rada_mma.load)
+    model.set_classes(text_features=text, names=splits.classnames, templates=prompts[0])
     if is_main() and not (adapter_file is not None and _own_folder(spec, adapter_file)):
         trained = {} if features is None else {"train_images": len(features), "data_fingerprint": features.fingerprint}
         _write(spec, model, rows, test, splits.classnames, config=config if train else None, result=result,
