@@ -16,9 +16,9 @@ training images once (``encode_image``) and the loops train on those features
 through ``model.logits_from_features``: what ``model(images)`` computes, without
 re-running the frozen image encoder at every step. Evaluation and the reload
 check call ``model(images)``, the drop-in path.
-RAda+Adapter prints the same numbers as RAda: in the released formulation the
-second layer of its residual adapters starts at zero behind a ReLU, so they
-never receive a gradient (README, "The demo world").
+RAda+Adapter's residual adapters start a hair from the identity and train
+(``adapter_init="small"``, the default; ``"released"`` is the authors' exact
+form, whose adapters never move: docs/methods.md, section 4).
 
 Takes 15-25 s from a fresh process (measured 15-23 s, about 13 s of CPU time,
 on a shared 2-core CPU). It runs torch on one thread: with other jobs on the
