@@ -1,7 +1,8 @@
 """Sweeps (``rada_mma.fewshot.sweep``) for real, on a tiny open_clip model and a task whose validation and test
 splits disagree (tests/helpers/sweeps.py): the selection follows validation, ties go to the first configuration,
-the test split is not read (not even from the cache) before the selection has ended, workers and an interrupted
-and resumed sweep give what a serial sweep gives, and best.json runs as the sweep's own runs."""
+the test split is not read (not even from the cache) before the selection has ended, worker processes, torchrun
+ranks and an interrupted and resumed sweep give what a serial sweep gives, and best.json runs as the sweep's own
+runs. Run as a script this file is a torchrun worker (see tests/helpers/torchrun.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,17 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from rada_mma.fewshot import FeatureStore, RunSpec, Splits, cache, extract, run_base_to_new, runs
+from rada_mma.fewshot import FeatureStore, RunSpec, Splits, cache, distributed, extract, run_base_to_new, runs
 from rada_mma.fewshot.sweep import Grid, load_best, read_best, run_sweep, select_configuration
 from rada_mma.fewshot.train import TrainingDiverged
-from tests.helpers import sweeps
+from tests.helpers import sweeps, torchrun
 
 FORK = multiprocessing.get_context("fork")
 
@@ -75,8 +77,7 @@ def watch_the_test_split(mp: pytest.MonkeyPatch, best: Path, events: list[tuple[
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    sweeps.write_task(root / "task")
-    spec = sweeps.sweep_spec(root, root / "serial")
+    spec = sweeps.sweep_spec(sweeps.write_task(root), root / "serial")
     torch.set_num_threads(1)
     extract(spec.replace(out=str(root / "extracted")))  # the cache holds the test features before the sweep starts
     events: list[tuple[str, bool]] = []
@@ -177,6 +178,30 @@ def test_worker_processes_give_the_serial_sweep(swept):
     same_sweep(parallel, swept["sweep"])
 
 
+def worker(root: Path) -> None:
+    """One torchrun rank of the sweep of :func:`swept`'s task (its cache is filled: the ranks only train)."""
+    import torch.distributed as dist
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    run_sweep(sweeps.sweep_spec(root, root / "ranks"), sweeps.GRID, seeds=sweeps.SEEDS)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_share_the_configurations_and_give_the_serial_sweep(swept):
+    root = swept["root"]
+    torchrun.run_ranks(__file__, root)
+    for rank in (0, 1):  # each trained half of the 8 trainings (and ran one of the two seeds' final runs)
+        assert "8 to train (4 here)" in (root / f"rank{rank}.log").read_text()
+    sweep, ranks = swept["sweep"], root / "ranks"
+    assert json.loads((ranks / "sweep.json").read_text())["configurations"] == sweep.configurations
+    assert json.loads((ranks / "best.json").read_text()) == sweep.best
+    assert json.loads((ranks / "results.json").read_text()) == sweep.rows
+    assert len(list((ranks / "scores").iterdir())) == 8  # each rank wrote the scores it trained
+
+
 def stop_when_scored(folder: Path, proc, failures: list, timeout: float = 120.0) -> None:
     """SIGSTOP ``proc`` as soon as it has written its first score: mid-sweep, however fast the machine."""
     deadline = time.monotonic() + timeout
@@ -256,3 +281,7 @@ def test_what_a_sweep_refuses_before_it_trains(swept, tmp_path):
         run_sweep(swept["spec"], {"lr": [1e-3]}, seeds=sweeps.SEEDS)
     with runs.hold(tmp_path / "held"), pytest.raises(BlockingIOError, match="in use by another run"):
         run_sweep(spec.replace(out=str(tmp_path / "held")), sweeps.GRID)
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))

@@ -19,19 +19,24 @@ TEST_COLOUR = {"ant": 1, "bee": 0, "cat": 2, "dog": 3}  # the base classes swapp
 GRID = {"lr": [1e-6, 0.005], "momentum": [0.5, 0.9]}
 SEEDS = (1, 2)
 METHOD = "mma"
+MODEL = "tiny-sweep-clip"
 TRAIN = {"epochs": 30, "patience": 0, "select": "last"}
 
 
 def write_task(root: Path) -> Path:
-    """``root/{train,val,test}/<class>/<i>.png``: 6 training, 2 validation and 4 test images per class."""
+    """The task, ``root/task/{train,val,test}/<class>/<i>.png`` (6 training, 4 validation and 4 test images per
+    class), and a tiny open_clip model in ``root/model``; ``root``."""
     for split, count in (("train", 6), ("val", 4), ("test", 4)):
         for label, name in enumerate(CLASSES):
-            runs.write_images(root / split / name, TEST_COLOUR[name] if split == "test" else label, count, seed=len(split))
+            runs.write_images(root / "task" / split / name, TEST_COLOUR[name] if split == "test" else label, count,
+                              seed=len(split))
+    runs.write_model(root / "model", name=MODEL)
     return root
 
 
 def sweep_spec(root: Path, out: Path) -> RunSpec:
-    """RAda on a tiny open_clip model (written under ``root``), 4 shots, 2 epochs without warm-up, no progress bars."""
-    config, weights = runs.write_model(root / "model", name="tiny-sweep-clip")
-    return RunSpec(data=str(root / "task"), out=str(out), model_config=config, pretrained=weights, shots=4,
-                   device="cpu", progress=False, cache_dir=str(root / "cache"), method=METHOD, train=TRAIN)
+    """MMA on the task of :func:`write_task`, 4 shots, 30 epochs, the cache in ``root/cache``, no progress bars."""
+    model = root / "model"
+    return RunSpec(data=str(root / "task"), out=str(out), model_config=str(model / f"{MODEL}.json"),
+                   pretrained=str(model / f"{MODEL}-seed0.pt"), shots=4, device="cpu", progress=False,
+                   cache_dir=str(root / "cache"), method=METHOD, train=TRAIN)
