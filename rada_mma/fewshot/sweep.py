@@ -230,8 +230,9 @@ class _Task:
 
 @dataclass
 class _Selection:
-    """What every training of a sweep reads: the CLIP (for its logit scale), each seed's few-shot training and
-    validation features, the class texts of the classes trained on. Nothing of the test split."""
+    """What every training of a sweep reads: the CLIP (wrapped again for each training), each seed's few-shot
+    training and validation features, the class texts of the classes trained on. Nothing of the test split is
+    read: ``splits`` lists its items (the dataset's index), and the stores that encode are sealed against it."""
 
     spec: RunSpec
     grid: Grid

@@ -172,12 +172,6 @@ def test_best_json_is_the_selected_configuration_for_python(swept, tmp_path):
 # -- how the work is shared --------------------------------------------------------------------------------
 
 
-def test_worker_processes_give_the_serial_sweep(swept):
-    parallel = run_sweep(swept["spec"].replace(out=str(swept["root"] / "parallel")), sweeps.GRID, seeds=sweeps.SEEDS,
-                         workers=2)
-    same_sweep(parallel, swept["sweep"])
-
-
 def worker(root: Path) -> None:
     """One torchrun rank of the sweep of :func:`swept`'s task (its cache is filled: the ranks only train)."""
     import torch.distributed as dist
@@ -213,7 +207,9 @@ def stop_when_scored(folder: Path, proc, failures: list, timeout: float = 120.0)
     os.kill(proc.pid, signal.SIGSTOP)
 
 
-def test_a_killed_sweep_resumes_to_the_same_selection(swept, caplog):
+def test_a_killed_sweep_resumes_in_worker_processes_to_the_serial_sweep(swept, caplog):
+    """Killed after its first score; started again with two worker processes, it trains only what is missing
+    and ends where the serial, uninterrupted sweep ended."""
     spec = swept["spec"].replace(out=str(swept["root"] / "killed"))
     child = FORK.Process(target=run_sweep, args=(spec, sweeps.GRID), kwargs={"seeds": sweeps.SEEDS})
     child.start()
@@ -230,7 +226,7 @@ def test_a_killed_sweep_resumes_to_the_same_selection(swept, caplog):
               if p.suffix == ".json"}
     assert 1 <= len(scored) < 8 and not (spec.out_dir / "best.json").exists()
     with caplog.at_level(logging.INFO, logger="rada_mma.fewshot.sweep"):
-        resumed = run_sweep(spec, sweeps.GRID, seeds=sweeps.SEEDS)
+        resumed = run_sweep(spec, sweeps.GRID, seeds=sweeps.SEEDS, workers=2)
     assert f"{len(scored)} of 8 trainings already scored" in caplog.text
     same_sweep(resumed, swept["sweep"])
     assert all((spec.out_dir / "scores" / name).stat().st_mtime_ns == mtime for name, (mtime, _) in scored.items())
