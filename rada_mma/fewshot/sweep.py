@@ -112,8 +112,9 @@ def _check_key(method: str, key: str) -> bool:
     if key == "seed":
         raise ValueError("seed is not a grid key: every configuration trains with each of the sweep's seeds (--seeds)")
     if key not in train + options:
-        raise ValueError(f"unknown grid key {key!r}: sweep a training setting ({', '.join(train)}) or an option of "
-                         f"{method} ({', '.join(options)})")
+        spelled = [", ".join(k.replace("_", "-") for k in keys) for keys in (train, options)]  # - or _ alike
+        raise ValueError(f"unknown grid key {key!r}: sweep a training setting ({spelled[0]}) or an option of {method} "
+                         f"({spelled[1]})")
     return key in train
 
 
@@ -136,7 +137,10 @@ class Grid:
             raise ValueError("the grid is empty; give each key to sweep with its values, e.g. {'lr': [1e-4, 1e-3]}")
         values = {}
         for key, given in self.values.items():
+            key = key.replace("-", "_")  # warmup-epochs, as the command line spells it, is warmup_epochs
             _check_key(self.method, key)
+            if key in values:
+                raise ValueError(f"grid key {key} is given twice; list all its values once")
             if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or not given:
                 raise ValueError(f"grid key {key} needs a non-empty list of values, got {given!r}")
             repeated = [v for i, v in enumerate(given) if v in given[:i]]

@@ -242,8 +242,9 @@ def test_grids_are_read_with_each_fields_type():
     assert len(grid.points()) == 32 and grid.points()[1] == {"lr": 1e-4, "epochs": 3, "views": "per_epoch",
                                                               "amp": True, "softmax": "row"}
     assert Grid.parse("mma", ["warmup-epochs=0,1"]).keys == ("warmup_epochs",)
+    assert Grid(method="rada+adapter", values={"adapter-init": ["small", "blend"]}).keys == ("adapter_init",)
     for items, message in (
-        (["depth=1,2"], r"unknown grid key 'depth': sweep a training setting \(epochs, batch_size, .*\) or an option "
+        (["depth=1,2"], r"unknown grid key 'depth': sweep a training setting \(epochs, batch-size, .*\) or an option "
                         r"of rada \(heads, temperature, softmax, regularizer, alpha\)"),
         (["blend=0.1"], r"option of rada \(heads"),  # MMA's option, not RAda's
         (["seed=1,2"], "seed is not a grid key"),
