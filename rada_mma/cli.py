@@ -43,6 +43,7 @@ from .fewshot.models import RANDOM_WEIGHTS
 from .fewshot.predict import predict_images, with_adapter_base
 from .fewshot.protocol import DRAWS, RunSpec, extract, run_base_to_new, run_grid
 from .fewshot.settings import BENCH_SETTINGS, evaluate, run_all_classes, run_shot_sweep, run_transfer_grid
+from .fewshot.sweep import SWEEP_SETTINGS, Grid, read_best, run_sweep, run_sweeps, sweep_table
 from .fewshot.train import CHOICES, TrainConfig
 from .fewshot.tta import AUGMENTS, TTAConfig, run_tta, run_tta_grid
 
@@ -101,15 +102,18 @@ def _add_data(p: argparse.ArgumentParser, *, many: bool = False, required: bool 
                    help="images per forward pass of the image encoder when filling the cache (default 128)")
 
 
-def _add_method(p: argparse.ArgumentParser, *, many: bool = False, default_methods: Sequence[str] = ("rada", "mma")) -> None:
+def _add_method(p: argparse.ArgumentParser, *, many: bool = False, default_methods: Sequence[str] = ("rada", "mma"),
+                seeds: bool = False) -> None:
     g = p.add_argument_group("method")
     if many:
         g.add_argument("--methods", nargs="+", default=list(default_methods), choices=METHODS,
                        help=f"adapters to run (default: {' '.join(default_methods)})")
+    else:
+        g.add_argument("--method", default="rada", choices=METHODS, help="the adapter (default rada)")
+    if many or seeds:
         g.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
                        help="few-shot draws and training seeds (default 1 2 3)")
     else:
-        g.add_argument("--method", default="rada", choices=METHODS, help="the adapter (default rada)")
         g.add_argument("--seed", type=int, default=1, help="seed of the few-shot draw and of training (default 1)")
     g.add_argument("--option", action="append", default=None,
                    help="adapter option KEY=VALUE, e.g. alpha=0.1 or softmax=row (repeatable)")
@@ -194,11 +198,12 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """The run the flags describe; ``--model world-clip`` is the shipped CLIP and its weights."""
     data = args.data[0] if isinstance(args.data, list) else args.data
+    templates = args.template or getattr(args, "config_templates", None)  # given flags replace --config's
     spec = RunSpec(
         data=data, out=args.out, method=getattr(args, "method", "rada"), seed=getattr(args, "seed", 1),
         shots=args.shots[0] if isinstance(args.shots, list) else args.shots, model=args.model,
         pretrained=args.pretrained, model_config=args.model_config,
-        split_file=args.split_file, dataset=args.dataset, templates=tuple(args.template) if args.template else None,
+        split_file=args.split_file, dataset=args.dataset, templates=tuple(templates) if templates else None,
         draw=args.draw, rounding=args.rounding, cache_dir=args.cache_dir, data_hash=args.data_hash,
         extract_batch_size=args.extract_batch_size, device=args.device, options=_adapter_options(args),
         train=_train_overrides(args), adapter=getattr(args, "adapter", None), progress=getattr(args, "progress", True),
@@ -282,6 +287,26 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"{summary.images - summary.failed} images classified{unreadable}: {summary.out}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Every configuration of the grid with every seed, selected on validation; then the selected one on test."""
+    if len(args.shots) > 1:
+        raise ValueError("--shots takes one value in a sweep (sweep the shots with bench --setting all)")
+    spec = spec_from_args(args)
+    grid = Grid.parse(spec.method, args.grid)
+    common = {"seeds": args.seeds, "setting": args.setting, "workers": args.workers}
+    if len(args.data) == 1:
+        sweeps = [run_sweep(spec, grid, **common)]
+    else:
+        sweeps = run_sweeps(spec, [(path, args.dataset) for path in args.data], grid, out=args.out, **common)
+    if distributed.is_main():
+        for sweep in sweeps:
+            print(f"{sweep.best['dataset']}: validation accuracy of each configuration (in {sweep.folder / 'sweep.md'})")
+            print(sweep_table(sweep.configurations, grid.keys, sweep.selected))
+        print(markdown_table([r for s in sweeps for r in s.rows], runs=False))
+        best = ", ".join(str(s.folder / "best.json") for s in sweeps)
+        print(f"selected configuration in {best} (rada-mma fit --config FILE); test rows in {Path(args.out) / 'results.md'}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """``rada-mma demo``: run, then print the table (base-to-new: beside the published averages)."""
     from tqdm.auto import tqdm
@@ -319,7 +344,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # -- parser ----------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def config_defaults(path: str) -> dict[str, Any]:
+    """The defaults ``fit --config FILE`` takes from a configuration file (a sweep's ``best.json``): its flags'
+    values, which flags given on the command line override, as a file of defaults does in most tools."""
+    best = read_best(path)
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}
+    unknown = sorted(set(best.get("train") or {}) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown training setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    defaults = {k: best[k] for k in ("method", "shots", "draw", "rounding", "setting") if k in best}
+    defaults.update(best.get("train") or {})
+    defaults["option"] = [f"{k}={json.dumps(v)}" for k, v in (best.get("options") or {}).items()] or None
+    defaults["config_templates"] = best.get("templates")
+    return defaults
+
+
+def build_parser(fit_config: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The ``rada-mma`` parser; ``fit_config``: defaults of ``fit``'s flags (from ``--config``, :func:`config_defaults`)."""
+    fit_config = fit_config or {}
     parser = argparse.ArgumentParser(prog="rada-mma", description="RAda and MMA adapters for CLIP: few-shot runs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the pipeline does")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -346,8 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "every class (CoOp's few-shot setting)")
     _add_method(p)
     _add_training(p)
+    p.add_argument("--config", default=None,
+                   help="a configuration file, e.g. a sweep's OUT/best.json: its method, options, training settings, "
+                        "shots, draw, rounding, templates and setting, each overridden by a flag given here "
+                        "(--option KEY=VALUE per key)")
     _add_out(p)
-    p.set_defaults(func=cmd_fit)
+    p.set_defaults(func=cmd_fit, **fit_config)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter (OUT/adapter.safetensors or --adapter) on base and new")
     _add_model(p, default_help=need)
@@ -382,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     _add_predict(sub)
+    _add_sweep(sub)
     _add_demo(sub)
     return parser
 
@@ -408,6 +455,36 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     _add_model(p, default_help="default: the base model the adapter file records")
     p.set_defaults(func=cmd_predict)
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep", help="a grid of training settings and adapter options: select on validation only, then test",
+        description=(
+            "Trains every configuration of the grid with every seed on features encoded once (augmented views "
+            "included), selects the configuration with the best mean validation accuracy over the seeds (ties: the "
+            "first in grid order), and only then runs it on the test split, once per seed, as fit does. The test "
+            "split is not read before the selection. OUT: sweep.json, sweep.md, sweep.png, best.json (fit --config "
+            "OUT/best.json), results.json, results.md, best-seed<N>/ (the selected runs)."
+        ),
+    )
+    _add_model(p, default_help="required (with --pretrained) unless --model-config is given")
+    _add_data(p, many=True)
+    p.add_argument("--setting", choices=SWEEP_SETTINGS, default="base2new",
+                   help="base2new: select on the base classes' validation images, test base and new (default); "
+                        "all: every class")
+    _add_method(p, seeds=True)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                   help="a swept key and its values, e.g. lr=1e-4,1e-3,1e-2 (repeat for more keys; the grid is every "
+                        "combination): any training setting (the flags below, as lr, epochs, views) or an adapter "
+                        "option of the method (alpha, temperature, ...)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="configurations trained at once, in worker processes (CPU; each trains on one thread, so the "
+                        "results do not depend on it). Under torchrun the ranks share the configurations too")
+    _add_training(p)
+    _add_out(p, help="the sweep's folder (with several --data: OUT/<dataset>/ each, and OUT/results.md)")
+    p.set_defaults(func=cmd_sweep)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -462,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"rada-mma {args.command}: warning: {_one_line(message)}", file=sys.stderr
         )
         try:
+            if getattr(args, "config", None):  # parsed again with the file's values as defaults
+                args = build_parser(config_defaults(args.config)).parse_args(argv)
             args.func(args)
         except (OSError, ValueError, TypeError) as err:
             print(f"rada-mma {args.command}: error: {_one_line(err)}", file=sys.stderr)

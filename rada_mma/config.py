@@ -9,7 +9,15 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ADAPTER_INITS", "MAX_WIDTH", "METHODS", "AdapterConfig", "check_field_types", "option_names"]
+__all__ = [
+    "ADAPTER_INITS",
+    "MAX_WIDTH",
+    "METHODS",
+    "AdapterConfig",
+    "check_field_types",
+    "option_names",
+    "parse_field",
+]
 
 # Presets: "rada" (RationalMask), "rada+adapter" (RAda with residual adapters,
 # the paper's best base-to-new variant), "mma" (MMA as in the paper),
@@ -243,6 +251,47 @@ def check_field_types(config: Any) -> None:
                 raise TypeError(f"{f.name} must be True or False, got {value!r} ({type(value).__name__})")
         elif f.type == "str" and not isinstance(value, str):
             raise TypeError(f"{f.name} must be a string, got {value!r} ({type(value).__name__})")
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_field(config: type, name: str, text: str) -> Any:
+    """``text`` (from a command line) as a value of field ``name`` of the config dataclass ``config``.
+
+    The field's ``parse`` metadata reads it when it has one (e.g. ``TrainConfig.views``); otherwise its
+    declared type does: ``int``, ``float``, ``bool`` (``true``/``false``, ``yes``/``no``, ``on``/``off``,
+    ``1``/``0``) or ``str`` (as it is). Whether the value is allowed (a choice, a range) is the config's
+    own check, when it is built.
+
+    Example:
+        >>> parse_field(AdapterConfig, "heads", "4"), parse_field(AdapterConfig, "temperature", "0.5")
+        (4, 0.5)
+    """
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    if name not in fields:
+        raise ValueError(f"{config.__name__} has no field {name!r}; its fields are {', '.join(fields)}")
+    field, text = fields[name], text.strip()
+    parse = field.metadata.get("parse")
+    if parse is not None:
+        return parse(text)  # its error says what the field takes
+    try:
+        if field.type == "int":
+            return int(text)
+        if field.type == "float" and math.isfinite(value := float(text)):
+            return value
+    except ValueError:
+        pass
+    if field.type in _TYPE_WORDS:
+        raise ValueError(f"{name} takes {_TYPE_WORDS[field.type]}, got {text!r}")
+    if field.type == "bool":
+        if text.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"{name} takes true or false, got {text!r}")
+        return text.lower() in _TRUE
+    return text
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a finite number"}
 
 
 def _divides(parts: int, whole: int, name: str, what: str) -> None:

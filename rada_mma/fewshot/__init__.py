@@ -13,6 +13,7 @@ other way round:
 - :mod:`.settings`, :mod:`.tta`: the other protocols (all classes, cross-dataset, domain generalisation,
   test-time training); :mod:`.record`: every run folder's ``run.json``;
 - :mod:`.predict`: image files classified with a saved adapter (``rada-mma predict``);
+- :mod:`.sweep`: grids of training settings and adapter options, selected on validation only;
 - :mod:`.distributed`, :mod:`.models`: ``torchrun`` and CLIP loading.
 
 >>> from rada_mma.fewshot import RunSpec, run_base_to_new
@@ -30,6 +31,7 @@ from .predict import PredictSummary, predict_images, with_adapter_base
 from .protocol import FeatureStore, RunSpec, extract, run_base_to_new, run_grid
 from .record import read_run_record, run_record, write_run_record
 from .settings import evaluate, run_all_classes, run_shot_sweep, run_transfer, run_transfer_grid
+from .sweep import Grid, Sweep, load_best, run_sweep, run_sweeps
 from .train import PRESETS, FitResult, TrainConfig, accuracy, fit, learning_rate, preset, steps_per_epoch
 from .tta import TTAConfig, adapt_and_predict, adapt_dataset, run_tta, run_tta_grid
 
@@ -39,11 +41,13 @@ __all__ = [
     "FeatureStore",
     "Features",
     "FitResult",
+    "Grid",
     "ImageDataset",
     "Item",
     "PredictSummary",
     "RunSpec",
     "Splits",
+    "Sweep",
     "TTAConfig",
     "TrainConfig",
     "accuracy",
@@ -58,6 +62,7 @@ __all__ = [
     "fit",
     "harmonic_mean",
     "learning_rate",
+    "load_best",
     "load_clip",
     "load_data",
     "load_features",
@@ -72,6 +77,8 @@ __all__ = [
     "run_grid",
     "run_record",
     "run_shot_sweep",
+    "run_sweep",
+    "run_sweeps",
     "run_transfer",
     "run_transfer_grid",
     "run_tta",

@@ -8,7 +8,9 @@ that the result equals a single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,15 +23,35 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "comm_device",
+    "gather_objects",
     "init_from_env",
     "is_main",
     "rank_world",
+    "single_process",
 ]
+
+_alone = False  # set by single_process(): this rank works on its own share, without collectives
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Within the block this process acts as the only one (``rank_world() == (0, 1)``), even under ``torchrun``.
+
+    For work that ranks split among themselves rather than share: a sweep trains different configurations
+    on different ranks, and each :func:`~rada_mma.fewshot.fit` must then neither split its batches nor wait
+    for the other ranks. Nothing inside may write what only rank 0 should write.
+    """
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def rank_world() -> tuple[int, int]:
-    """``(rank, world size)``; ``(0, 1)`` outside a process group."""
-    if dist.is_available() and dist.is_initialized():
+    """``(rank, world size)``; ``(0, 1)`` outside a process group (and inside :func:`single_process`)."""
+    if not _alone and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -69,6 +91,16 @@ def broadcast_object(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (picklable objects; ``[value]`` in one process)."""
+    world = rank_world()[1]
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_reduce_sum(x: Tensor, device: torch.device) -> Tensor:

@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -22,7 +23,16 @@ from ..io import atomic_write
 from ..wrapper import AdaptedCLIP
 from .evaluation import accuracy_summary
 
-__all__ = ["plot_adapter", "plot_history", "plot_shots", "plot_summary", "plot_targets", "plot_tta", "save_figure"]
+__all__ = [
+    "plot_adapter",
+    "plot_history",
+    "plot_shots",
+    "plot_summary",
+    "plot_sweep",
+    "plot_targets",
+    "plot_tta",
+    "save_figure",
+]
 
 
 def _pyplot():
@@ -248,4 +258,41 @@ def plot_tta(before: Tensor, after: Tensor, labels: Tensor, path: str | os.PathL
     bars.set_ylabel("% of images")
     bars.set_title("accuracy, and the images TTA changed", fontsize=9)
     hist.set_title(title or "test-time training")
+    return save_figure(fig, path)
+
+
+def plot_sweep(configurations: Sequence[dict], grid: Mapping[str, Sequence], selected: int, path: str | os.PathLike,
+               *, title: str = "") -> Path:
+    """Validation accuracy over a sweep's grid: one panel per swept key, the other keys at their selected values.
+
+    Points at the mean over seeds, whiskers at the lowest and the highest seed, the selected configuration
+    ringed; a value whose training diverged on a seed is marked on the axis. ``configurations`` are
+    :class:`~rada_mma.fewshot.sweep.Sweep`'s.
+    """
+    plt = _pyplot()
+    keys, chosen = list(grid), configurations[selected]["values"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(4.5, 3.4 * len(keys)), 3.4), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], keys, strict=True):
+        line = [c for c in configurations if all(c["values"][k] == chosen[k] for k in keys if k != key)]
+        xs = list(range(len(line)))
+        accs = [[a for a in c["val_acc"].values() if a is not None] for c in line]
+        means = [math.nan if c["mean"] is None else c["mean"] for c in line]
+        low = [0.0 if math.isnan(m) else m - min(a) for m, a in zip(means, accs, strict=True)]
+        high = [0.0 if math.isnan(m) else max(a) - m for m, a in zip(means, accs, strict=True)]
+        ax.errorbar(xs, means, yerr=[low, high], fmt="o-", capsize=3, color="tab:blue")
+        at = [i for i, c in enumerate(line) if c["index"] == selected][0]
+        ax.plot([at], [means[at]], "o", ms=13, mfc="none", mec="tab:red", mew=2, label="selected")
+        for i, m in enumerate(means):
+            if math.isnan(m):
+                ax.annotate("diverged", (i, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                            fontsize=7, color="tab:red")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{c['values'][key]:g}" if isinstance(c["values"][key], float) else str(c["values"][key])
+                            for c in line])
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    axes[0][0].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

@@ -16,7 +16,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ __all__ = [
     "run_grid",
     "saved_adapter",
     "train_on_store",
+    "trained_record",
+    "wrap_clip",
     "wrapped_model",
     "write_training",
     "zero_shot_templates",
@@ -216,6 +219,20 @@ class FeatureStore:
         self.spec, self.model, self.preprocess, self.tokenizer = spec, model, preprocess, tokenizer
         self.folder = spec.cache_folder()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.sealed: set[str] = set()  # parts that may not be read now (see seal)
+
+    @contextlib.contextmanager
+    def seal(self, part: str) -> Iterator[None]:
+        """Within the block, reading ``part``'s features (``"test"``) is an error, from the cache or not.
+
+        A sweep selects its configuration with the test split sealed: nothing of it is read before the
+        selection has ended.
+        """
+        self.sealed.add(part)
+        try:
+            yield
+        finally:
+            self.sealed.discard(part)
 
     @property
     def few_shot_tag(self) -> str:
@@ -234,19 +251,30 @@ class FeatureStore:
         Files are named by what tells them apart within a folder: draw, part, views and
         their crop, bf16; everything else is in their fingerprint.
         """
+        if part in self.sealed:
+            raise PermissionError(f"the {part} split is sealed: its features may not be read now (a sweep reads "
+                                  "them only once it has selected its configuration on the validation split)")
         views = config.view_count if config is not None and part == "train" else 0
-        amp = (config.extract_amp if config is not None else True) and torch.device(self.spec.device_name).type == "cuda"
-        augment, name = None, f"{tag}-{part}-v{views}"
+        augment = None
         if views:
             augment = default_augment(self.preprocess, scale=(config.crop_scale, 1.0), interpolation=config.interpolation)
-            name += f"-rrc{config.crop_scale:g}-{config.interpolation}"
         return extract_image_features(
             self.model, splits, splits.split(part), self.preprocess, views=views, augment=augment,
-            seed=self.spec.seed, autocast=amp, batch_size=self.spec.extract_batch_size, device=self.spec.device_name,
-            data_hash=self.spec.data_hash,
-            cache_path=self.folder / f"{name}{'-bf16' if amp else ''}.safetensors",
-            progress=self.spec.progress and is_main(),
+            seed=self.spec.seed, autocast=self._amp(config), batch_size=self.spec.extract_batch_size,
+            device=self.spec.device_name, data_hash=self.spec.data_hash,
+            cache_path=self.folder / self.cache_name(part, tag, config), progress=self.spec.progress and is_main(),
         )
+
+    def cache_name(self, part: str, tag: str, config: TrainConfig | None = None) -> str:
+        """The file :meth:`images` keeps these features in: two calls with the same name read the same features."""
+        views = config.view_count if config is not None and part == "train" else 0
+        name = f"{tag}-{part}-v{views}"
+        if views:
+            name += f"-rrc{config.crop_scale:g}-{config.interpolation}"
+        return f"{name}{'-bf16' if self._amp(config) else ''}.safetensors"
+
+    def _amp(self, config: TrainConfig | None) -> bool:
+        return (config.extract_amp if config is not None else True) and torch.device(self.spec.device_name).type == "cuda"
 
     def texts(self, splits: fsdata.Splits, templates: Sequence[str]) -> Tensor:
         """Raw class text features ``(C, T, D)`` of every class in ``templates`` (one cache file per template set)."""
@@ -259,12 +287,17 @@ class FeatureStore:
 
 def wrapped_model(spec: RunSpec) -> tuple[AdaptedCLIP, Callable, Callable]:
     clip, preprocess, tokenizer = load_clip(spec.model, spec.pretrained, spec.model_config, spec.device_name)
+    return wrap_clip(spec, clip), preprocess, tokenizer
+
+
+def wrap_clip(spec: RunSpec, clip: torch.nn.Module) -> AdaptedCLIP:
+    """``spec``'s adapter on ``clip`` (loaded once, wrapped any number of times), its weights drawn from ``spec.seed``."""
     generator = torch.Generator().manual_seed(spec.seed)
     # the base's name and weights travel into the adapter file: `rada-mma predict` needs no --model then
     model = wrap(clip, method=spec.method, generator=generator, base_name=model_name(spec.model, spec.model_config),
                  pretrained=spec.pretrained, **dict(spec.options))
     model.adapter.to(spec.device_name)
-    return model, preprocess, tokenizer
+    return model
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -318,8 +351,7 @@ def _base_to_new(spec: RunSpec, config: TrainConfig, adapter_file: Path | None) 
         if train:
             write_run_record(
                 spec, spec.out_dir, config=config, adapter=model.adapter.config, setting="base2new", dataset=name,
-                prompt_templates=prompts[0], zero_shot_templates=prompts[1], train_images=len(features),
-                data_fingerprint=features.fingerprint,
+                prompt_templates=prompts[0], zero_shot_templates=prompts[1], **trained_record(result, features),
             )
     return rows
 
@@ -344,6 +376,14 @@ def saved_adapter(spec: RunSpec) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no adapter at {path}; train one first (rada-mma fit --out {spec.out}), or give adapter=FILE")
     return path
+
+
+def trained_record(result: FitResult, features: Features) -> dict[str, Any]:
+    """What ``run.json`` adds for a run that trained: its training images, their fingerprint, and the
+    validation accuracy of the adapter it wrote (``None`` without a val split), the number a sweep selects on."""
+    val = result.val_acc
+    return {"train_images": len(features), "data_fingerprint": features.fingerprint,
+            "val_acc": None if math.isnan(val) else val}
 
 
 def _check_test_covers_both_halves(run_data: _Data, test: Features) -> None:

@@ -65,7 +65,8 @@ def run_record(
     (``config`` given): ``augmentation`` (``kind``, ``scale``, ``interpolation``, ``views``, or
     ``{"kind": "none", "views": 0}``), every other :class:`TrainConfig` field (``optimizer``, ``lr``,
     ``weight_decay``, ``batch_size``, ``drop_last``, ``epochs``, ``warmup_epochs``, ``schedule``, ...),
-    ``steps_per_epoch`` (when ``extra`` has ``train_images``), ``feature_dtype`` and ``train_dtype``
+    ``steps_per_epoch`` (when ``extra`` has ``train_images``; the protocols add ``val_acc`` too: the validation
+    accuracy of the adapter written, what a sweep selects on), ``feature_dtype`` and ``train_dtype``
     (``"float32"`` or ``"bfloat16"``, as they ran on the run's device); ``adapter`` (the
     :class:`~rada_mma.AdapterConfig`, when given); ``model``, ``pretrained``, ``model_config``,
     ``data``, ``device``; ``rada_mma_version``, ``torch_version``, ``open_clip_version``,

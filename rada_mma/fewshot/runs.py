@@ -29,7 +29,7 @@ from ..io import LockHeld, exclusive_lock, write_json
 from .cache import file_digest
 from .distributed import broadcast_object, is_main
 
-__all__ = ["ADAPTER_FILE", "LOCK_FILE", "OWNER_FILE", "claim", "hold", "results_folder"]
+__all__ = ["ADAPTER_FILE", "LOCK_FILE", "OWNER_FILE", "claim", "hold", "results_folder", "run_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,12 @@ def _run_fields(spec: Any, train: bool) -> dict[str, Any]:
     if train:
         fields.update(options=dict(sorted(spec.options.items())), train=dataclasses.asdict(spec.train_config()))
     return fields
+
+
+def run_fields(spec: Any) -> dict[str, Any]:
+    """What a training run of ``spec`` depends on, as ``owner.json`` records it (paths resolved; the training
+    settings as the preset resolves them): data, model, draw, shots, seed, method, options, train."""
+    return _run_fields(spec, train=True)
 
 
 def _fingerprint(value: Any) -> str:

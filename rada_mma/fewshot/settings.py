@@ -50,6 +50,7 @@ from .protocol import (
     run_folder,
     saved_adapter,
     train_on_store,
+    trained_record,
     wrapped_model,
     write_training,
     zero_shot_templates,
@@ -149,7 +150,7 @@ def _all_classes(spec: RunSpec, config: TrainConfig, adapter_file: Path | None) 
     # the classes, named: the adapter file carries them (rada-mma predict, rada_mma.load)
     model.set_classes(text_features=text, names=splits.classnames, templates=prompts[0])
     if is_main() and not (adapter_file is not None and _own_folder(spec, adapter_file)):
-        trained = {} if features is None else {"train_images": len(features), "data_fingerprint": features.fingerprint}
+        trained = {} if features is None else trained_record(result, features)
         _write(spec, model, rows, test, splits.classnames, config=config if train else None, result=result,
                setting="all", dataset=splits.name, prompt_templates=prompts[0], zero_shot_templates=prompts[1],
                **trained)

@@ -198,6 +198,14 @@ class FitResult:
     best_val: float = float("nan")  # the highest validation accuracy seen (NaN without a val split)
     stopped_early: bool = False
 
+    @property
+    def val_acc(self) -> float:
+        """Validation accuracy of the weights the model holds (those of ``best_epoch``); NaN without a val split.
+
+        What a sweep selects on (:func:`rada_mma.fewshot.sweep.run_sweep`), and what ``run.json`` records.
+        """
+        return next((h.get("val_acc", math.nan) for h in self.history if h["epoch"] == self.best_epoch), math.nan)
+
 
 @torch.no_grad()
 def accuracy(model: AdaptedCLIP, image_features: Tensor, labels: Tensor, *, batch_size: int = 1024) -> float:
