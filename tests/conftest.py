@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 GOLDEN = "RADA_MMA_GOLDEN"
@@ -11,6 +12,14 @@ GOLDEN = "RADA_MMA_GOLDEN"
 # Test tensors are tiny: one thread is faster than two, and does not collapse
 # (OpenMP spin-waiting) when other work keeps the machine's cores busy.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever the one before it set (the CLI's --threads, examples)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

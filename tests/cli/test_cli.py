@@ -27,6 +27,7 @@ from rada_mma.fewshot.cache import extract_image_features, load_features
 from rada_mma.fewshot.evaluation import harmonic_mean, read_results
 from rada_mma.fewshot.train import accuracy
 from tests.helpers import files
+from tests.helpers.cli import run_error, run_ok
 
 CLASSES, COUNTS, CONFIG, write_model = files.CLASSES, files.COUNTS, files.CONFIG, files.write_model
 
@@ -47,36 +48,12 @@ def world(tmp_path_factory):
             "data_b": make_images(root / "toy_b", seed=1)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cli(world, command: str, *args: str, data: str | None = None, model: bool = True, shots: int = 4) -> list[str]:
     argv = [command]
     if model:
         argv += ["--model-config", world["config"], "--pretrained", world["weights"]]
     argv += ["--data", data or str(world["data"]), "--device", "cpu", *args]
     return argv + (["--shots", str(shots)] if shots else [])
-
-
-def run_ok(argv: list[str], capsys) -> str:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
-    return out
-
-
-def run_error(argv: list[str], capsys) -> str:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2, f"exit status {code}; stderr: {err[-2000:]}"
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"rada-mma {argv[0]}: error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
-from rada_mma.cli import main
 from rada_mma.fewshot.evaluation import read_results
 from tests.helpers import runs
+from tests.helpers.cli import run_error, run_ok
 
 TTA_FLAGS = ["--tta-views", "4", "--tta-keep", "0.5", "--tta-augment", "crop"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +21,6 @@ def setup(tmp_path_factory):
     return {"root": root, "model": ["--model-config", config, "--pretrained", weights, "--device", "cpu"],
             "a": str(runs.image_folder(root / "toy_a", ["ant", "bee", "cat"], {"train": 5, "test": 3})),
             "b": str(runs.image_folder(root / "toy_b", ["owl", "pig"], {"train": 4, "test": 3}, seed=3))}
-
-
-def run_ok(argv: list[str], capsys) -> str:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
-    return out
-
-
-def run_error(argv: list[str], capsys) -> str:
-    code = main(argv)
-    _, err = capsys.readouterr()
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"rada-mma {argv[0]}: error: "), err
-    return lines[0]
 
 
 def test_fit_all_then_eval_elsewhere_and_at_test_time(setup, tmp_path, capsys, caplog):

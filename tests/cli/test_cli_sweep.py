@@ -8,19 +8,11 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from rada_mma.cli import build_parser, config_defaults, main, spec_from_args
+from rada_mma.cli import build_parser, config_defaults, spec_from_args
 from rada_mma.fewshot.evaluation import read_results
 from tests.helpers import sweeps
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.helpers.cli import run_error, run_ok
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +27,6 @@ def flags(task) -> list[str]:
     """The task's model, shots and training settings (sweeps.TRAIN) as flags."""
     return [*task["model"], *task["cache"], "--method", sweeps.METHOD, "--shots", "4", "--epochs", "30",
             "--patience", "0", "--select", "last"]
-
-
-def run_ok(argv: list[str], capsys) -> str:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
-    return out
-
-
-def run_error(argv: list[str], capsys) -> str:
-    code = main(argv)
-    _, err = capsys.readouterr()
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"rada-mma {argv[0]}: error: "), err
-    return lines[0]
 
 
 def test_sweep_then_fit_the_selected_configuration(task, tmp_path, capsys):

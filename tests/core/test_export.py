@@ -19,14 +19,6 @@ from tests.helpers.tensors import randomize_
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def adapted(method: str, base: nn.Module | None = None) -> rada_mma.AdaptedCLIP:
     """``method`` on ``base`` (default: a linear image encoder, quick to trace) with random weights, five classes."""
     if base is None:

@@ -19,14 +19,6 @@ NAMES = ["cat", "dog", "bird", "fish"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained(method: str = "rada", *, seed: int = 0, base_name: str | None = "tiny-a") -> AdaptedCLIP:
     """A tiny open_clip (weights of ``seed``) with a ``method`` adapter trained a few steps on four named classes."""
     model = wrap(tm.open_clip_model(seed), method, generator=torch.Generator().manual_seed(1), base_name=base_name)

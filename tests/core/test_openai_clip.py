@@ -20,14 +20,6 @@ from tests.helpers import tiny_models as tm
 NAMES = ["cat", "dog", "bird", "fish"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
 def test_wrap_train_save_load_predict(half, tmp_path):
     base = tm.openai_clip_model(half=half)

@@ -37,15 +37,6 @@ OPTIONS = {
 assert set(OPTIONS) == set(METHODS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread, so that a loaded 2-core machine is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fresh(method: str = "rada", *, seed: int = 0, **options):
     """A fresh tiny open_clip (same weights every call) wrapped with ``method``, four classes set."""
     options = OPTIONS[method] if not options else options

@@ -36,15 +36,6 @@ CLASSES = ("cat", "dog", "red_fox")
 PER_CLASS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the same kernels on every run, and no contention on small CI machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def splits(tmp_path):
     rng = np.random.default_rng(0)

@@ -11,11 +11,7 @@ batch of one image, so rank 1's share of it is empty.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +22,7 @@ from torch import nn
 
 from rada_mma import wrap
 from rada_mma.fewshot.train import CHECKPOINT, fit, preset
+from tests.helpers import torchrun
 
 K, D, N = 5, 16, 25
 CASES = {  # method -> (adapter options, training config): the presets, shorter, in batches of 8
@@ -100,36 +97,11 @@ def worker(out: Path) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_train_as_one(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    logs = [out / f"rank{r}.log" for r in range(2)]
-    workers = [
-        subprocess.Popen([sys.executable, __file__, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                         stdout=logs[r].open("w"), stderr=subprocess.STDOUT)
-        for r in range(2)
-    ]
-    deadline = time.monotonic() + 240
-    try:  # wait for both; one failing stops the other (it would wait for its peer until a timeout)
-        while any(w.poll() is None for w in workers) and all(w.poll() in (None, 0) for w in workers):
-            assert time.monotonic() < deadline, "the workers did not finish in 240 s"
-            time.sleep(0.05)
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    for rank, w in enumerate(workers):
-        assert w.returncode == 0, f"rank {rank} failed:\n{logs[rank].read_text()[-4000:]}"
+    torchrun.run_ranks(__file__, out)  # as torchrun starts them, without its seconds of start-up
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' setting

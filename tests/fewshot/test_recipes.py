@@ -34,14 +34,6 @@ RADA_FAMILY = ("rada", "rada+adapter", "mma+rada")
 YAML = recipes.RADA_YAML
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def photo(seed: int, size: tuple[int, int] = (300, 240)) -> Image.Image:
     """A non-square RGB image with structure everywhere, so that every crop differs."""
     rng = np.random.default_rng(seed)

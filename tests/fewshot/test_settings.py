@@ -22,14 +22,6 @@ CLASSES = ["ant", "bee", "cat", "dog"]
 TTA = TTAConfig(views=6, keep=0.5, lr=0.05, augment="crop")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("settings")

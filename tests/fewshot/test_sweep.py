@@ -26,14 +26,6 @@ from tests.helpers import sweeps, torchrun
 FORK = multiprocessing.get_context("fork")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def is_test_item(item) -> bool:
     return Path(str(item.source)).parts[0] == "test"
 

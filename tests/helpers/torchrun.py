@@ -17,15 +17,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(script: str, out: Path, *, world: int = 2, timeout: float = 240) -> None:
-    """Run ``python script out`` once per rank and wait; one failing stops the others. Logs in ``out/rank<r>.log``."""
+def run_ranks(script: str, *args: Path, world: int = 2, timeout: float = 240) -> None:
+    """Run ``python script *args`` once per rank and wait; one failing stops the others (it would wait for its
+    peer until a timeout). The last argument is a folder: the ranks' logs go to ``rank<r>.log`` there."""
+    out = Path(args[-1])
     root = str(Path(__file__).resolve().parents[2])  # the worker imports tests.helpers like the tests do
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "PYTHONPATH": path}
     logs = [out / f"rank{r}.log" for r in range(world)]
     workers = [
-        subprocess.Popen([sys.executable, script, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        subprocess.Popen([sys.executable, script, *map(str, args)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                          stdout=logs[r].open("w"), stderr=subprocess.STDOUT)
         for r in range(world)
     ]
