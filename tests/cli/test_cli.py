@@ -28,8 +28,10 @@ from rada_mma.fewshot.evaluation import harmonic_mean, read_results
 from rada_mma.fewshot.train import accuracy
 from tests.helpers import files
 from tests.helpers.cli import run_error, run_ok
+from tests.helpers.runs import CONFIG as TINY_CONFIG
+from tests.helpers.runs import write_model
 
-CLASSES, COUNTS, CONFIG, write_model = files.CLASSES, files.COUNTS, files.CONFIG, files.write_model
+CLASSES, COUNTS, CONFIG = files.CLASSES, files.COUNTS, TINY_CONFIG
 
 
 def make_images(root: Path, seed: int, counts: dict[str, int] = COUNTS) -> Path:
@@ -39,10 +41,10 @@ def make_images(root: Path, seed: int, counts: dict[str, int] = COUNTS) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    config, weights = write_model(root / "models", "tiny-cli-clip", CONFIG, seed=0)
-    _, other_weights = write_model(root / "models", "tiny-cli-clip", CONFIG, seed=1)
+    config, weights = write_model(root / "models", "tiny-cli-clip", seed=0)
+    _, other_weights = write_model(root / "models", "tiny-cli-clip", seed=1)
     wider = {**CONFIG, "vision_cfg": {**CONFIG["vision_cfg"], "width": 48}}
-    _, wrong_weights = write_model(root / "other", "tiny-cli-wide", wider, seed=0)
+    _, wrong_weights = write_model(root / "other", "tiny-cli-wide", seed=0, config=wider)
     return {"root": root, "config": str(config), "weights": str(weights), "other_weights": str(other_weights),
             "wrong_weights": str(wrong_weights), "data": make_images(root / "toy_a", seed=0),
             "data_b": make_images(root / "toy_b", seed=1)}

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from rada_mma.fewshot.datasets import (
     imagenet_classnames,
     templates_for,
 )
+from tests.helpers.protocols import dassl_fewshot
 
 # -- builders ----------------------------------------------------------------------------------
 
@@ -418,17 +419,6 @@ def big_splits(classes: int = 4, per_class: int = 10, val_per_class: int = 6) ->
 
     return Splits(name="synthetic", classnames=[f"c{c}" for c in range(classes)], train=items("train", per_class),
                   val=items("val", val_per_class), test=items("test", 3), root=Path("/nowhere"))
-
-
-def dassl_fewshot(items: list[Item], shots: int) -> list[Item]:
-    """Dassl's ``generate_fewshot_dataset`` as released: the global ``random``, a label -> items tracker."""
-    tracker = defaultdict(list)
-    for item in items:
-        tracker[item.label].append(item)
-    out = []
-    for group in tracker.values():
-        out.extend(random.sample(group, shots) if len(group) >= shots else group)
-    return out
 
 
 @pytest.mark.parametrize("shots", [1, 2, 4, 8, 16])

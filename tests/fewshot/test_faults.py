@@ -21,6 +21,7 @@ from rada_mma import RationalMask, load_adapter, save_adapter
 from rada_mma.fewshot import RunSpec, run_base_to_new, runs
 from rada_mma.fewshot.train import CHECKPOINT
 from tests.helpers import files
+from tests.helpers.runs import write_model
 
 EPOCHS = 12
 FORK = multiprocessing.get_context("fork")
@@ -43,7 +44,7 @@ def kill(proc) -> None:
 
 
 def test_a_killed_fit_resumes_to_the_adapter_of_an_uninterrupted_one(tmp_path, caplog):
-    config, weights = files.write_model(tmp_path / "model", "tiny-fault-clip", files.CONFIG, seed=0)
+    config, weights = write_model(tmp_path / "model", "tiny-fault-clip", seed=0)
     settings = dict(data=str(files.write_images(tmp_path / "data", seed=0)), model_config=str(config),
                     pretrained=str(weights), method="rada", shots=4, device="cpu", progress=False,
                     cache_dir=str(tmp_path / "cache"), train={"epochs": EPOCHS})

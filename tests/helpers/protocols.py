@@ -17,18 +17,24 @@ from collections import defaultdict
 import torch
 
 
+def dassl_fewshot(items: list, shots: int) -> list:
+    """Dassl's ``generate_fewshot_dataset`` as released: from the global ``random`` as it stands, a label -> items
+    tracker, ``random.sample(items_of_label, shots)`` per label (all of them when fewer)."""
+    tracker = defaultdict(list)
+    for item in items:
+        tracker[item.label].append(item)
+    out = []
+    for group in tracker.values():
+        out.extend(random.sample(group, shots) if len(group) >= shots else group)
+    return out
+
+
 def dassl_draw(items: list, shots: int, seed: int) -> list:
-    """``random.seed(seed)``, then ``random.sample(items_of_label, shots)`` per label (all of them when fewer)."""
+    """``random.seed(seed)``, then :func:`dassl_fewshot` (the global ``random`` restored after)."""
     state = random.getstate()
     try:
         random.seed(seed)
-        tracker = defaultdict(list)
-        for item in items:
-            tracker[item.label].append(item)
-        out = []
-        for group in tracker.values():
-            out.extend(random.sample(group, shots) if len(group) >= shots else group)
-        return out
+        return dassl_fewshot(items, shots)
     finally:
         random.setstate(state)
 

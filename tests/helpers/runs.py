@@ -17,16 +17,17 @@ CONFIG = {"embed_dim": 32,
           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
-def write_model(folder: Path, name: str = "tiny-run-clip", seed: int = 0) -> tuple[str, str]:
-    """A tiny open_clip architecture's JSON config and random weights (seeded) in ``folder``: their paths."""
+def write_model(folder: Path, name: str = "tiny-run-clip", seed: int = 0, config: dict = CONFIG) -> tuple[str, str]:
+    """An open_clip architecture's JSON config (default the tiny ``CONFIG``) named ``name`` and random weights
+    drawn with ``seed``, in ``folder``: their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = folder / f"{name}.json"
-    config.write_text(json.dumps(CONFIG))
-    open_clip.add_model_config(config)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
     torch.manual_seed(seed)
     weights = folder / f"{name}-seed{seed}.pt"
     torch.save(open_clip.create_model(name).state_dict(), weights)
-    return str(config), str(weights)
+    return str(path), str(weights)
 
 
 def write_images(folder: Path, label: int, count: int, seed: int) -> None:
